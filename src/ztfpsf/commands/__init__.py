@@ -1,0 +1,1 @@
+"""Subcommands of the ``ztfpsf`` command line (see :mod:`ztfpsf.cli`)."""

@@ -1,0 +1,69 @@
+"""The one registry of ``flags`` bits used in every ztfpsf table.
+
+A row's ``flags`` is the bitwise OR of the bits below. Bits in :data:`BAD` mean the
+row's fitted values are NaN (the star could not be measured); the other bits are
+warnings and the values are kept.
+"""
+
+from enum import IntFlag
+
+import numpy as np
+
+__all__ = ["Flag", "BAD", "decode", "describe_table"]
+
+
+class Flag(IntFlag):
+    """Flag bits; the docstring of each member is its documented meaning."""
+
+    NOT_CONVERGED = 1
+    FIT_FAILED = 2
+    NO_DATA = 4
+    NO_SOURCE = 8
+    MASKED_PIXELS = 16
+    SATURATED = 32
+    SHAPE_LIMIT = 64
+    CENTER_SHIFT = 128
+    OUTLIER = 256
+    RESERVED = 512
+    OFF_IMAGE = 1024
+    SHAPE_UNTRUSTED = 2048
+    NEIGHBOR = 4096
+
+
+_MEANINGS = {
+    Flag.NOT_CONVERGED: "iteration cap reached before the convergence test passed",
+    Flag.FIT_FAILED: "non-finite chi2 or parameters, or a singular normal matrix; values are NaN",
+    Flag.NO_DATA: "fewer usable pixels than free parameters (all NaN/masked/saturated); values are NaN",
+    Flag.NO_SOURCE: "no significant source: fitted flux/flux_err below min_snr with a free shape; values are NaN",
+    Flag.MASKED_PIXELS: "some stamp pixels were masked or NaN and got zero weight",
+    Flag.SATURATED: "some stamp pixels were at or above the saturation level and got zero weight",
+    Flag.SHAPE_LIMIT: "fitted shape at a physical limit (fwhm outside [0.5, stamp size] px or alpha outside [1.1, 20])",
+    Flag.CENTER_SHIFT: "fitted centre moved more than max_shift px from the initial position",
+    Flag.OUTLIER: "clipped as an outlier (chi2/dof far above the rest) in a joint PSF fit",
+    Flag.RESERVED: "reserve star: left out of the joint PSF fit and scored with the final PSF",
+    Flag.OFF_IMAGE: "position off the image, or its stamp not fully inside the image",
+    Flag.SHAPE_UNTRUSTED: "the PSF shape used for this measurement could not be trusted",
+    Flag.NEIGHBOR: "a neighbouring source contaminates the stamp",
+}
+
+#: Bits whose rows carry NaN values.
+BAD = Flag.FIT_FAILED | Flag.NO_DATA | Flag.NO_SOURCE
+
+
+def decode(value):
+    """Names of the bits set in one ``flags`` value, e.g. ``['NOT_CONVERGED']``."""
+    value = int(value)
+    return [f.name for f in Flag if value & f]
+
+
+def describe_table():
+    """Markdown table of every bit: value, name, meaning (used in the README and reports)."""
+    rows = ["| bit | value | name | meaning |", "|---|---|---|---|"]
+    for f in Flag:
+        rows.append(f"| {int(np.log2(f.value))} | {f.value} | `{f.name}` | {_MEANINGS[f]} |")
+    return "\n".join(rows)
+
+
+def meaning(flag):
+    """Documented meaning of one bit."""
+    return _MEANINGS[Flag(flag)]
