@@ -1,10 +1,13 @@
-"""Run a per-chunk function over all stars in one compiled program.
+"""Run a per-chunk function over all stars with one compiled program.
 
-Stars are padded to ``n_devices * n_chunks * chunk`` (``n_chunks`` a power of two, so
-few distinct shapes are ever compiled), split over the devices of the chosen backend
-(``shard_map``: on a 2-core CPU, 2 host devices keep both cores busy, jax#5506) and,
-on each device, mapped chunk after chunk (``lax.map``): a chunk's arrays stay in cache
-on a CPU and each chunk's solver loop stops as soon as its own stars are done.
+Stars go through the program in batches of a fixed size (``n_devices * n_chunks *
+chunk``): a batch is split over the devices of the chosen backend (``shard_map``; on a
+2-core CPU two host devices keep both cores busy, jax#5506) and, on each device, mapped
+chunk after chunk (``lax.map``): a chunk's arrays stay in cache on a CPU and each chunk's
+solver loop stops as soon as its own stars are done. Full batches are zero-copy slices of
+the caller's arrays; only the last, partial batch is padded, to a power-of-two number of
+chunks, so few distinct shapes are ever compiled and large inputs cost no host copy.
+Batches are dispatched asynchronously, so the device works while the host slices.
 """
 
 import functools
@@ -17,11 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["select_devices", "default_chunk", "run_chunked"]
+__all__ = ["select_devices", "default_chunk", "layout", "run_chunked"]
 
 #: Stars per chunk by platform: cache-sized on a CPU, large on an accelerator.
 CHUNK = {"cpu": 128}
-CHUNK_ACCELERATOR = 8192
+CHUNK_ACCELERATOR = 65536
+#: Chunks per device in one full batch.
+BATCH_CHUNKS = {"cpu": 128}
+BATCH_CHUNKS_ACCELERATOR = 1
 
 
 def select_devices(backend="auto"):
@@ -66,27 +72,49 @@ def _compiled(task, devices, chunk):
     return jax.jit(mapped), NamedSharding(mesh, spec)
 
 
-def run_chunked(task, arrays, devices, chunk=None):
-    """Apply ``task = (function, *static_args)`` to all stars at once.
-
-    ``function(*static_args, *chunk_arrays)`` returns chunk arrays; the static arguments
-    must be hashable (they key the compiled program).
-
-    ``arrays`` all have the stars on axis 0; the outputs come back as numpy arrays with
-    the padding removed (``None`` outputs stay ``None``).
-    """
-    n = arrays[0].shape[0]
+def layout(n, devices, chunk=None):
+    """``(chunk, batch)``: stars per chunk and per full batch of the compiled program."""
     ndev = len(devices)
     chunk = chunk or default_chunk(devices)
     chunk = int(min(chunk, max(8, _next_pow2(-(-n // ndev)))))
-    n_chunks = _next_pow2(-(-n // (ndev * chunk)))
-    total = ndev * n_chunks * chunk
-    padded = [np.concatenate([a, np.zeros((total - n,) + a.shape[1:], a.dtype)]) if total > n else a for a in arrays]
+    per_device = BATCH_CHUNKS.get(devices[0].platform, BATCH_CHUNKS_ACCELERATOR)
+    return chunk, ndev * chunk * per_device
+
+
+def _padded(a, total):
+    out = np.zeros((total,) + a.shape[1:], dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+def _batches(n, chunk, batch, ndev):
+    """(start, stop, padded size) of each batch: full ones, then the padded tail."""
+    out = [(i, i + batch, batch) for i in range(0, n - n % batch, batch)]
+    rest = n % batch
+    if rest:
+        size = ndev * chunk * _next_pow2(-(-rest // (ndev * chunk)))
+        out.append((n - rest, n, size))
+    return out
+
+
+def run_chunked(task, arrays, devices, chunk=None):
+    """Apply ``task = (function, *static_args)`` to all stars.
+
+    ``function(*static_args, *chunk_arrays)`` returns a pytree of chunk arrays; the
+    static arguments must be hashable (they key the compiled program). ``arrays`` all
+    have the stars on axis 0; the outputs come back as numpy arrays, one row per star.
+    """
+    n = arrays[0].shape[0]
+    chunk, batch = layout(n, devices, chunk)
     func, sharding = _compiled(tuple(task), tuple(devices), chunk)
-    if sharding is None:
-        placed = [jax.device_put(a, devices[0]) for a in padded]
-    else:
-        placed = [jax.device_put(a, sharding) for a in padded]
-    log.debug("running %d stars as %d device(s) x %d chunk(s) x %d", n, ndev, n_chunks, chunk)
-    out = func(*placed)
-    return jax.tree.map(lambda o: np.asarray(o)[:n], out)
+    target = devices[0] if sharding is None else sharding
+    pending = []
+    for start, stop, size in _batches(n, chunk, batch, len(devices)):
+        parts = [np.asarray(a[start:stop]) for a in arrays]
+        if stop - start < size:
+            parts = [_padded(p, size) for p in parts]
+        placed = [jax.device_put(np.ascontiguousarray(p), target) for p in parts]
+        pending.append((stop - start, func(*placed)))  # asynchronous: the next batch is sliced meanwhile
+    log.debug("ran %d stars in %d batch(es) on %d device(s), chunks of %d", n, len(pending), len(devices), chunk)
+    outs = [jax.tree.map(lambda o, k=k: np.asarray(o)[:k], out) for k, out in pending]
+    return jax.tree.map(lambda *o: np.concatenate(o) if len(o) > 1 else o[0], *outs)

@@ -42,11 +42,16 @@ def _single_star(model, free, noise_mode, ny, nx, dtype):
     return jax.jit(weight), jax.jit(scale), jax.jit(jax.value_and_grad(loss))
 
 
-def bfgs_solve(model, free, opts, noise_mode, arrays, progress=False):
-    """Fit each active star in turn. Returns ``theta, n_iter, converged, history``."""
+def bfgs_solve(model, free, opts, stamp_shape, arrays, progress=False):
+    """Fit each active star in turn. Returns ``theta, n_iter, converged, history``.
+
+    ``arrays``: flattened stamps ``(data, valid, variance, per_star, theta0, active)``;
+    ``per_star`` columns are gain, read noise, sky.
+    """
     data, valid, variance, noise, theta0, active = arrays
-    n, ny, nx = data.shape
-    weight_fn, scale_fn, value_grad = _single_star(model, tuple(free), noise_mode, ny, nx, np.dtype(data.dtype).name)
+    n = data.shape[0]
+    noise_mode = "model" if opts.noise_mode == "model" else "given"
+    weight_fn, scale_fn, value_grad = _single_star(model, tuple(free), noise_mode, *stamp_shape, np.dtype(data.dtype).name)
     idx = list(free)
     theta = theta0.astype(np.float64).copy()
     n_iter = np.zeros(n, np.int32)
@@ -57,7 +62,7 @@ def bfgs_solve(model, free, opts, noise_mode, arrays, progress=False):
         if not active[i]:
             continue
         sl = slice(i, i + 1)
-        d, v, var = (a[sl].reshape(1, -1) for a in (data, valid, variance))
+        d, v, var = data[sl], valid[sl], variance[sl]
         nz = noise[sl]
         th = theta[sl].copy()
         for _ in range(passes):

@@ -1,0 +1,90 @@
+"""Result files: star tables as Parquet with metadata, JSON summaries; atomic writes.
+
+Every file is written to a temporary name in the same directory and renamed into place,
+so an interrupted run never leaves a half-written file under the final name.
+"""
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from astropy.table import Table
+
+__all__ = ["atomic_path", "write_parquet", "read_parquet", "write_json", "read_json", "METADATA_KEY"]
+
+METADATA_KEY = b"ztfpsf"
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(obj, path):
+    """Write ``obj`` as indented JSON (NaN/inf become null), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=1) + "\n")
+    return Path(path)
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(table, path, metadata):
+    """Write an astropy Table as Parquet; ``metadata`` (JSON) under the ``ztfpsf`` key,
+    column units included."""
+    columns = {}
+    for name in table.colnames:
+        col = np.asarray(table[name])
+        if col.dtype.kind in "US":
+            col = col.astype(str)
+        columns[name] = col
+    meta = dict(metadata)
+    meta.setdefault("units", {name: str(table[name].unit) for name in table.colnames if table[name].unit is not None})
+    arrow = pa.table(columns)
+    arrow = arrow.replace_schema_metadata({METADATA_KEY: json.dumps(_jsonable(meta)).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(arrow, tmp)
+    return Path(path)
+
+
+def read_parquet(path):
+    """Read a result table; its ``meta`` holds the ``ztfpsf`` metadata."""
+    arrow = pq.read_table(path)
+    table = Table({name: arrow.column(name).to_numpy(zero_copy_only=False) for name in arrow.column_names})
+    raw = (arrow.schema.metadata or {}).get(METADATA_KEY)
+    if raw:
+        table.meta.update(json.loads(raw))
+    return table

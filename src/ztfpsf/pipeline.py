@@ -1,0 +1,340 @@
+"""One image, end to end: read -> stars -> select -> stamps -> fit -> write.
+
+:func:`process_image` is the whole job for one image and returns its summary; many
+images go through :func:`run`, which hands the same function to Dask
+(:mod:`ztfpsf.parallel`). Outputs, per image ``<stem>`` (the file name without
+``.fits``), in ``out_dir``:
+
+``<stem>.stars.parquet``
+    one row per selected star: ``id, ra, dec, mag`` (catalogue), then every column of
+    :func:`ztfpsf.fit_stamps` in image coordinates (0-based, pixel centres at integers);
+    schema metadata ``ztfpsf`` (JSON): version, input files, options, header values, units.
+``<stem>.summary.json``
+    counts after each selection cut, the noise model, median fwhm (px and arcsec) and
+    alpha, how many stars converged or were flagged, timings per stage.
+``<stem>.psf.fits``
+    with ``--psf shared|varying``: the quadrant's PSF model (:class:`ztfpsf.PSFModel`).
+``<stem>.history.npy``
+    with ``history``: every star's chi2 per iteration (rows in table order).
+``run_summary.json`` (from :func:`run`)
+    every image's status, error and outputs, rewritten as each image finishes.
+"""
+
+import functools
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+from . import __version__
+from .config import FitConfig
+from .detect import detect_stars, estimate_background
+from .fitting import fit_stamps
+from .fitting.api import output_names
+from .flags import BAD, Flag
+from .io.catalog import read_catalog
+from .io.fits import read_exposure
+from .io.results import read_json, write_json, write_parquet
+from .models import get_model
+from .parallel import map_files
+from .selection import EmptySelectionWarning, select_stars
+from .stamps import cut_stamps, noise_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["process_image", "run", "output_paths", "stem_of", "find_catalog"]
+
+CATALOG_SUFFIXES = (".csv", ".ecsv", ".fits", ".fit", ".parquet")
+
+
+def stem_of(path):
+    """The image file name without ``.fits`` / ``.fits.gz`` / ``.fz``."""
+    name = Path(path).name
+    for ext in (".fits.gz", ".fits.fz", ".fits", ".fit", ".fz"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def output_paths(path, out_dir):
+    stem = stem_of(path)
+    out = Path(out_dir)
+    return {
+        "stars": out / f"{stem}.stars.parquet",
+        "summary": out / f"{stem}.summary.json",
+        "psf": out / f"{stem}.psf.fits",
+        "history": out / f"{stem}.history.npy",
+        "report": out / f"{stem}.report.html",
+    }
+
+
+def find_catalog(image_path):
+    """The catalogue beside an image: ``<name>_catalog.<ext>`` (``_sciimg`` dropped), or None."""
+    stem = stem_of(image_path)
+    base = stem[: -len("_sciimg")] if stem.endswith("_sciimg") else stem
+    for suffix in CATALOG_SUFFIXES:
+        candidate = Path(image_path).with_name(f"{base}_catalog{suffix}")
+        if candidate.exists():
+            return candidate
+    return None
+
+
+class _Stages:
+    """Wall time of each stage of one image."""
+
+    def __init__(self):
+        self.seconds = {}
+        self._t = time.perf_counter()
+
+    def done(self, name):
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 4)
+        self._t = now
+
+
+def _stars(exposure, config, background):
+    """The star list: a catalogue projected on the image, or detections."""
+    source = config.catalog
+    if source == "auto":
+        source = find_catalog(exposure.path)
+        if source is None:
+            log.info("%s: no catalogue beside the image; detecting stars", exposure.name)
+    if source is None:
+        return detect_stars(exposure, background=background), "detection"
+    table = read_catalog(
+        source, wcs=exposure.wcs, image_shape=exposure.shape, prefer=config.catalog_positions,
+        pixel_origin=config.catalog_origin, wcs_note=exposure.wcs_note,
+    )  # fmt: skip
+    return table, str(source)
+
+
+def _empty_fit_table(config):
+    model = get_model(config.model)
+    cols = ["x_init", "y_init"]
+    for name in ["x", "y", "flux", "background", "fwhm"] + [n for n in output_names(model) if n not in ("flux", "x", "y", "background", "fwhm")]:
+        cols += [name, f"{name}_err"]
+    t = Table({c: np.zeros(0) for c in cols + ["chi2"]})
+    for c in ("dof", "n_iter", "flags"):
+        t[c] = np.zeros(0, np.int32)
+    return t
+
+
+def _fit(stamps, exposure, config, noise):
+    """Per-star fits, and the joint PSF model when asked."""
+    common = dict(mask=stamps.mask, saturation=exposure.saturation, x_init=stamps.x_init, y_init=stamps.y_init, origin=stamps.origin, **noise)
+    kw = dict(model=config.model, method=config.method, dtype=config.dtype, backend=config.backend)
+    table = fit_stamps(stamps.data, **common, **kw, return_history=config.history)
+    psf, psf_stats = None, None
+    if config.psf != "independent":
+        from .joint import fit_psf
+
+        psf, joint_table, psf_stats = fit_psf(
+            stamps.data, **common, model=config.model, mode=config.psf, degree=config.degree,
+            reserve=config.reserve, seed=config.seed, dtype=config.dtype, backend=config.backend,
+            image_shape=exposure.shape, image=str(exposure.path),
+        )  # fmt: skip
+        flags = np.asarray(joint_table["flags"]) & int(Flag.OUTLIER | Flag.RESERVED)
+        table["flags"] = np.asarray(table["flags"]) | flags
+        table["psf_fwhm"] = joint_table["fwhm"]
+    return table, psf, psf_stats
+
+
+def _summary_numbers(table, exposure):
+    ok = (np.asarray(table["flags"]) & BAD) == 0
+    converged = ok & ((np.asarray(table["flags"]) & Flag.NOT_CONVERGED) == 0)
+    clean = np.asarray(table["flags"]) == 0
+    med = lambda name: float(np.median(table[name][clean])) if name in table.colnames and clean.any() else None
+    fwhm = med("fwhm")
+    return {
+        "n_fitted": len(table),
+        "n_converged": int(converged.sum()),
+        "n_flags_zero": int(clean.sum()),
+        "n_flagged": int((~clean).sum()),
+        "n_failed": int((~ok).sum()),
+        "fwhm_median_px": fwhm,
+        "fwhm_median_arcsec": None if fwhm is None or not exposure.pixel_scale else fwhm * exposure.pixel_scale,
+        "alpha_median": med("alpha"),
+        "chi2_dof_median": float(np.median(table["chi2"][clean] / table["dof"][clean])) if clean.any() else None,
+    }
+
+
+def _metadata(exposure, config, noise_desc, source, fit_meta):
+    return {
+        "version": __version__,
+        "image": str(Path(exposure.path).resolve()),
+        "mask": None if exposure.mask_path is None else str(Path(exposure.mask_path).resolve()),
+        "catalog": source,
+        "model": config.model,
+        "integration": fit_meta.get("integration", get_model(config.model).integration),
+        "method": config.method,
+        "stamp_size": config.stamp,
+        "gain": exposure.gain,
+        "read_noise": exposure.read_noise,
+        "saturation": exposure.saturation,
+        "zeropoint": exposure.zeropoint,
+        "pixel_scale": exposure.pixel_scale,
+        "image_shape": list(exposure.shape),
+        "noise": noise_desc,
+        "ztf": exposure.ztf,
+        "options": dict(config.to_dict(), bad_bits=list(config.bad_bits), sky=0.0),
+        "coordinates": "0-based pixel coordinates, pixel centres at integers",
+        "errors": fit_meta.get("errors"),
+    }
+
+
+def process_image(path, config=None, out_dir=".", **options):
+    """Measure the PSF of one image; write its outputs; return its summary (a dict).
+
+    ``options`` override fields of ``config`` (a :class:`ztfpsf.config.FitConfig`).
+    Raises for an image that cannot be processed (unreadable file, catalogue without
+    the needed columns...): :func:`run` records those and goes on.
+    """
+    config = (config or FitConfig()).replace(**options) if options else (config or FitConfig())
+    path = Path(path)
+    out_dir = Path(out_dir)
+    paths = output_paths(path, out_dir)
+    stages = _Stages()
+
+    exposure = read_exposure(
+        path, mask=config.mask, bad_bits=config.bad_bits, hdu=config.hdu, gain=config.gain,
+        read_noise=config.read_noise, saturation=config.saturation, zeropoint=config.zeropoint,
+        pixel_scale=config.pixel_scale,
+    )  # fmt: skip
+    stages.done("read")
+    background = estimate_background(exposure) if config.catalog is None or exposure.gain is None or exposure.read_noise is None else None
+    stars, source = _stars(exposure, config, background)
+    stages.done("stars")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptySelectionWarning)
+        selected, counts = select_stars(
+            stars, exposure, mag_range=config.mag_range, isolation=config.isolation,
+            isolation_px=config.isolation_px, edge=config.edge, stamp=config.stamp,
+            core_radius=config.core_radius, min_snr=config.min_snr,
+        )  # fmt: skip
+    stages.done("select")
+
+    psf = psf_stats = None
+    history = None
+    if len(selected):
+        stamps = cut_stamps(exposure, np.asarray(selected["x_init"]), np.asarray(selected["y_init"]), config.stamp, background=background)
+        noise, noise_desc = noise_model(exposure, stamps, background)
+        stages.done("stamps")
+        fit, psf, psf_stats = _fit(stamps, exposure, config, noise)
+        fit["flags"] = np.asarray(fit["flags"]) | np.where(stamps.off_image, int(Flag.OFF_IMAGE), 0)
+        history = fit.meta.pop("loss_history", None)
+        stages.done("fit")
+    else:
+        msg = f"{path.name}: no star survived the selection ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+        log.warning(msg)
+        warnings.warn(msg, EmptySelectionWarning, stacklevel=2)
+        fit, noise_desc = _empty_fit_table(config), "no stars"
+    fit_meta = dict(fit.meta)
+
+    table = Table()
+    for name in ("id", "ra", "dec", "mag"):
+        table[name] = selected[name] if name in selected.colnames else np.full(len(selected), np.nan)
+    for name in fit.colnames:
+        table[name] = fit[name]
+        table[name].unit = fit[name].unit
+    meta = _metadata(exposure, config, noise_desc, source, fit_meta)
+    outputs = {"stars": paths["stars"]}
+    write_parquet(table, paths["stars"], meta)
+    if history is not None:
+        np.save(paths["history"], history)
+        outputs["history"] = paths["history"]
+    if psf is not None:
+        psf.write(paths["psf"], overwrite=True)
+        outputs["psf"] = paths["psf"]
+    stages.done("write")
+
+    summary = {
+        "image": str(path),
+        "stem": stem_of(path),
+        "status": "ok",
+        "error": None,
+        "counts": dict(counts),
+        "selection_rules": selected.meta.get("rules"),
+        **_summary_numbers(table, exposure),
+        "model": config.model,
+        "method": config.method,
+        "psf": config.psf,
+        "psf_stats": psf_stats,
+        "noise": noise_desc,
+        "exposure": exposure.summary(),
+        "timings": stages.seconds,
+        "outputs": outputs,
+        "version": __version__,
+    }
+    write_json(summary, paths["summary"])
+    if config.report:
+        from .report import write_report
+
+        summary["outputs"]["report"] = write_report(out_dir, stem_of(path))
+        write_json(summary, paths["summary"])
+    log.info(
+        "%s: %d stars fitted, %d with flags 0, median fwhm %s px (%.2f s)",
+        path.name, summary["n_fitted"], summary["n_flags_zero"],
+        None if summary["fwhm_median_px"] is None else round(summary["fwhm_median_px"], 3), sum(stages.seconds.values()),
+    )  # fmt: skip
+    return summary
+
+
+def is_done(path, out_dir):
+    """True when an image's outputs exist from a successful earlier run."""
+    paths = output_paths(path, out_dir)
+    if not (paths["summary"].exists() and paths["stars"].exists()):
+        return False
+    try:
+        return read_json(paths["summary"]).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def _process_one(path, config, out_dir):
+    """The per-file task of :func:`run` (module level: picklable for Dask)."""
+    return process_image(path, config, out_dir)
+
+
+def run(paths, config=None, out_dir=".", *, workers=None, scheduler=None):
+    """Process many images (Dask unless one image or ``workers=1``); return the run summary.
+
+    Images whose outputs exist are skipped unless ``config.overwrite``. A failing image is
+    recorded with its reason (``run_summary.json``) and the others finish.
+    """
+    config = config or FitConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in paths]
+    record = {"version": __version__, "options": config.to_dict(), "images": {}}
+    todo = []
+    for p in paths:
+        if not config.overwrite and is_done(p, out_dir):
+            log.info("%s: outputs exist, skipped (use --overwrite to redo)", p)
+            record["images"][p] = {"status": "skipped", "error": None, "summary": str(output_paths(p, out_dir)["summary"])}
+        else:
+            todo.append(p)
+    run_path = out_dir / "run_summary.json"
+
+    def on_result(res):
+        entry = {"status": "ok" if res.ok else "failed", "error": res.error, "seconds": round(res.seconds, 3)}
+        if res.ok:
+            entry["summary"] = str(output_paths(res.path, out_dir)["summary"])
+            entry["n_fitted"] = res.value["n_fitted"]
+        else:
+            write_json({"image": res.path, "stem": stem_of(res.path), "status": "failed", "error": res.error}, output_paths(res.path, out_dir)["summary"])
+        record["images"][res.path] = entry
+        write_json(record, run_path)
+
+    t0 = time.perf_counter()
+    task = functools.partial(_process_one, config=config, out_dir=str(out_dir))
+    map_files(task, todo, workers=workers, scheduler=scheduler, desc="images", on_result=on_result)
+    images = record["images"]
+    record["n_ok"] = sum(e["status"] == "ok" for e in images.values())
+    record["n_failed"] = sum(e["status"] == "failed" for e in images.values())
+    record["n_skipped"] = sum(e["status"] == "skipped" for e in images.values())
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(record, run_path)
+    return record

@@ -1,0 +1,236 @@
+"""Reading a run's outputs back, and the arrays every figure shares (no matplotlib here).
+
+The figures never re-fit: a star's model stamp is re-rendered from the parameters in the
+results table, on the stamp cut from the image at the place the fit used
+(``origin = round(x_init) - size // 2``).
+"""
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+from ..flags import BAD
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "read_results",
+    "read_image",
+    "read_mask",
+    "read_history",
+    "output_paths",
+    "cut_stamps",
+    "stamp_origins",
+    "render_models",
+    "noise_sigma",
+    "chi2_per_dof",
+    "fitted_rows",
+]
+
+#: Stamp size used when the metadata does not say.
+DEFAULT_STAMP_SIZE = 17
+
+
+def output_paths(out_dir, stem):
+    """Paths of one image's outputs in ``out_dir`` (they need not exist)."""
+    out_dir = Path(out_dir)
+    return {
+        "stars": out_dir / f"{stem}.stars.parquet",
+        "summary": out_dir / f"{stem}.summary.json",
+        "history": out_dir / f"{stem}.history.npy",
+        "psf": out_dir / f"{stem}.psf.fits",
+        "report": out_dir / f"{stem}.report.html",
+    }
+
+
+def stem_of(path):
+    """Image stem of a results file: ``<stem>.stars.parquet`` -> ``<stem>``."""
+    name = Path(path).name
+    for suffix in (".stars.parquet", ".parquet"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def read_results(path):
+    """A ``<stem>.stars.parquet`` file as an astropy Table; its ``ztfpsf`` metadata in ``meta``.
+
+    Raises FileNotFoundError or ValueError (naming the file) when it is missing, not
+    Parquet, or has no ``ztfpsf`` metadata.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file")
+    try:
+        arrow = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a Parquet file ({err})") from None
+    raw = (arrow.schema.metadata or {}).get(b"ztfpsf")
+    if raw is None:
+        raise ValueError(f"{path}: no 'ztfpsf' metadata in the Parquet schema; is it a ztfpsf results file?")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the 'ztfpsf' metadata is not valid JSON ({err})") from None
+    table = Table({name: arrow.column(name).to_numpy(zero_copy_only=False) for name in arrow.column_names})
+    for name in ("x", "y", "chi2", "flux", "flags"):
+        if name not in table.colnames:
+            raise ValueError(f"{path}: column {name!r} missing; is it a ztfpsf results file?")
+    table.meta.update(meta)
+    table.meta["path"] = str(path)
+    table.meta.setdefault("stamp_size", DEFAULT_STAMP_SIZE)
+    return table
+
+
+def _first_image_hdu(hdul, path):
+    for hdu in hdul:
+        if hdu.data is not None and hdu.data.ndim == 2:
+            return hdu.data
+    raise ValueError(f"{path}: no 2-D image in any HDU")
+
+
+def read_image(path):
+    """The first 2-D image of a FITS file as float64 (ADU)."""
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            return np.asarray(_first_image_hdu(hdul, path), dtype=np.float64)
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable FITS file ({err})") from None
+
+
+def _bad_bits(meta):
+    from ..io.ztf import DEFAULT_BAD_BITS, bad_bits_value
+
+    bits = (meta.get("options") or {}).get("bad_bits")
+    if bits is None:
+        return bad_bits_value(DEFAULT_BAD_BITS)
+    if isinstance(bits, (int, np.integer)):
+        return int(bits)
+    return bad_bits_value(bits)
+
+
+def read_mask(meta, shape):
+    """Boolean mask (True = unusable) from the run's mask file, or None without one."""
+    path = meta.get("mask")
+    if not path:
+        return None
+    try:
+        mask = read_image(path)
+    except (FileNotFoundError, ValueError) as err:
+        log.warning("mask not used in the figures: %s", err)
+        return None
+    if mask.shape != tuple(shape):
+        log.warning("mask not used in the figures: %s has shape %s, the image %s", path, mask.shape, tuple(shape))
+        return None
+    return (mask.astype(np.int64) & _bad_bits(meta)) != 0
+
+
+def read_history(path, n_rows=None):
+    """Loss history ``(N, n_iter)`` from a ``<stem>.history.npy`` file (NaN after a loop ended)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no loss history; fit with history recorded (return_history=True)")
+    hist = np.load(path, allow_pickle=False)
+    if hist.ndim != 2 or (n_rows is not None and hist.shape[0] != n_rows):
+        raise ValueError(f"{path}: loss history must have shape (stars={n_rows}, iterations); got {hist.shape}")
+    return np.asarray(hist, dtype=np.float64)
+
+
+def stamp_origins(table, size):
+    """Integer image (x, y) of each stamp's pixel [0, 0]: ``round(x_init) - size // 2``
+    (halves rounded up, as :meth:`ztfpsf.psfmodel.PSFModel.stamp_origin`)."""
+    xc, yc = ("x_init", "y_init") if "x_init" in table.colnames else ("x", "y")
+    x0 = np.floor(np.asarray(table[xc], dtype=float) + 0.5) - size // 2
+    y0 = np.floor(np.asarray(table[yc], dtype=float) + 0.5) - size // 2
+    x0 = np.where(np.isfinite(x0), x0, 0).astype(np.int64)
+    y0 = np.where(np.isfinite(y0), y0, 0).astype(np.int64)
+    return np.stack([x0, y0], axis=1)
+
+
+def cut_stamps(image, origins, size, mask=None):
+    """``(N, size, size)`` stamps at integer ``origins`` (x, y); NaN off the image and where masked."""
+    image = np.asarray(image, dtype=np.float64)
+    if mask is not None:
+        image = np.where(mask, np.nan, image)
+    ny, nx = image.shape
+    pad = size
+    padded = np.pad(image, pad, constant_values=np.nan)
+    yy, xx = np.mgrid[0:size, 0:size]
+    ox = np.clip(origins[:, 0], -pad, nx) + pad
+    oy = np.clip(origins[:, 1], -pad, ny) + pad
+    return padded[oy[:, None, None] + yy, ox[:, None, None] + xx]
+
+
+def render_models(table, origins, size):
+    """Model stamps ``(N, size, size)`` from the table's parameters (NaN rows stay NaN).
+
+    Uses the same model and pixel integration as the fit (``meta['model']``,
+    ``meta['integration']``); nothing is re-fitted.
+    """
+    import jax.numpy as jnp
+
+    from ..models import get_model
+
+    model = get_model(table.meta.get("model", "moffat"), table.meta.get("integration"))
+    missing = [n for n in model.shape_names if n not in table.colnames]
+    if missing:
+        raise ValueError(f"results table lacks the {model.name} shape columns {missing}")
+    col = lambda name: jnp.asarray(np.asarray(table[name], dtype=np.float64))
+    x = col("x") - origins[:, 0]
+    y = col("y") - origins[:, 1]
+    shape = tuple(col(n) for n in model.shape_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        img = model.image(col("flux"), x, y, shape, col("background"), size, size)
+    return np.asarray(img, dtype=np.float64)
+
+
+def noise_sigma(model, residual, meta):
+    """Per-pixel noise sigma [ADU] of stamps, and how it was obtained.
+
+    With ``gain`` [e-/ADU] (and ``read_noise`` [e-]) in the metadata: the fit's own noise
+    model, ``sqrt(model/gain + sky/gain + (read_noise/gain)**2)``. Without: each stamp's
+    robust residual scatter (1.4826 MAD), constant over the stamp.
+    """
+    gain = meta.get("gain")
+    if gain:
+        rn = meta.get("read_noise") or 0.0
+        sky = (meta.get("options") or {}).get("sky", meta.get("sky")) or 0.0
+        var = np.clip(model, 0.0, None) / gain + sky / gain + (rn / gain) ** 2
+        return np.sqrt(var), "noise model (gain, read noise)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        flat = residual.reshape(residual.shape[0], -1)
+        med = np.nanmedian(flat, axis=1)
+        mad = 1.4826 * np.nanmedian(np.abs(flat - med[:, None]), axis=1)
+    mad = np.where(np.isfinite(mad) & (mad > 0), mad, np.nan)
+    return np.broadcast_to(mad[:, None, None], residual.shape).copy(), "robust residual scatter (no gain)"
+
+
+def chi2_per_dof(table):
+    """chi2/dof of every row (NaN where undefined)."""
+    chi2 = np.asarray(table["chi2"], dtype=np.float64)
+    dof = np.asarray(table["dof"], dtype=np.float64) if "dof" in table.colnames else np.full(len(table), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(dof > 0, chi2 / dof, np.nan)
+
+
+def fitted_rows(table):
+    """Rows with measured values: no bit of :data:`ztfpsf.flags.BAD` set, finite x, y, flux."""
+    flags = np.asarray(table["flags"], dtype=np.int64)
+    ok = (flags & int(BAD)) == 0
+    for name in ("x", "y", "flux"):
+        ok &= np.isfinite(np.asarray(table[name], dtype=np.float64))
+    return ok

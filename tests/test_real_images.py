@@ -1,0 +1,213 @@
+"""The input chain (read, catalogue or detection, selection, stamps, noise model) feeding
+``fit_stamps`` on real images with known answers (tests/data/images/PROVENANCE.md).
+
+Every fit pads its stamps to one batch size (``_fit``) so that the whole module compiles
+each model once; the padding stamps are fully masked and dropped from the results.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from scipy.spatial import cKDTree
+
+from ztfpsf import BAD, Flag, fit_stamps
+from ztfpsf.detect import detect_stars, estimate_background
+from ztfpsf.io.catalog import read_catalog
+from ztfpsf.io.fits import read_exposure
+from ztfpsf.selection import select_stars
+from ztfpsf.stamps import cut_stamps, noise_model
+
+DATA = Path(__file__).parent / "data" / "images"
+BATCH = 256
+# sep's image: a star has a SExtractor half-light radius (FLUX_RADIUS at 0.5) of 1.2-1.5 px
+# (the locus of the bright unsaturated sources); galaxies have 2-8 px
+STAR_R50 = 1.8
+# its pixel scale is unknown (no WCS): isolation 8 px = 4 FWHM, stamps may come within 8 px
+# of the edges (the image is only 256 px)
+SEP_SELECTION = dict(isolation_px=8.0, edge=8, min_snr=10.0)
+FAILED = Flag.NOT_CONVERGED | BAD
+
+
+def _fit(stamps, noise, model="moffat"):
+    """fit_stamps on the stamps padded with masked ones to BATCH (one compiled shape)."""
+    n = len(stamps)
+    assert 0 < n <= BATCH
+    pad = BATCH - n
+    data = np.concatenate([stamps.data, np.zeros((pad,) + stamps.data.shape[1:], stamps.data.dtype)])
+    mask = np.concatenate([stamps.bad, np.ones((pad,) + stamps.data.shape[1:], bool)])
+    origin = np.concatenate([stamps.origin, np.zeros((pad, 2))])
+    xi = np.concatenate([stamps.x_init, np.full(pad, 8.0)])
+    yi = np.concatenate([stamps.y_init, np.full(pad, 8.0)])
+    kwargs = dict(noise)
+    if "variance" in kwargs:
+        kwargs["variance"] = np.concatenate([kwargs["variance"], np.ones((pad,) + stamps.data.shape[1:])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = fit_stamps(data, mask=mask, x_init=xi, y_init=yi, origin=origin, model=model, **kwargs)
+    return table[:n]
+
+
+def _prepare(name, *, catalog=None, **selection):
+    exp = read_exposure(DATA / name)
+    bkg = estimate_background(exp)
+    stars = read_catalog(catalog, wcs=exp.wcs, image_shape=exp.shape) if catalog else detect_stars(exp, background=bkg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sel, counts = select_stars(stars, exp, **selection)
+    stamps = cut_stamps(exp, sel["x_init"], sel["y_init"], 17, background=bkg)
+    noise, _ = noise_model(exp, stamps, bkg)
+    return exp, stars, sel, counts, stamps, noise
+
+
+# --------------------------------------------------------------------------------------
+# sep's CCD image against its SExtractor catalogue
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sep_catalog():
+    return read_catalog(DATA / "sep" / "image.cat")
+
+
+@pytest.fixture(scope="module")
+def sep_from_catalog():
+    exp, cat, sel, counts, stamps, noise = _prepare("sep/image.fits", catalog=DATA / "sep" / "image.cat", **SEP_SELECTION)
+    return exp, sel, counts, _fit(stamps, noise)
+
+
+def test_sep_catalog_positions_agree_with_sextractor(sep_from_catalog):
+    exp, sel, counts, fit = sep_from_catalog
+    assert exp.wcs is None and exp.gain is None  # SExtractor's GAIN 0: the sky-variance noise model
+    assert counts["catalog"] == 65 and counts["isolated"] < counts["edge"]
+    star = (sel["FLAGS"] == 0) & (sel["FLUX_RADIUS_1"] < STAR_R50) & (fit["flags"] & FAILED == 0)
+    assert star.sum() >= 10  # measured: 13 isolated FLAGS == 0 stars
+    dx = fit["x"][star] - (sel["XWIN_IMAGE"][star] - 1.0)
+    dy = fit["y"][star] - (sel["YWIN_IMAGE"][star] - 1.0)
+    # measured: median |dx| 0.006 px, |dy| 0.004 px; the goal is 0.05 px
+    assert np.median(np.abs(dx)) < 0.02 and np.median(np.abs(dy)) < 0.02
+    assert abs(np.median(dx)) < 0.02 and abs(np.median(dy)) < 0.02  # no half-pixel or 1-based slip
+
+
+def test_sep_catalog_fluxes_follow_flux_auto(sep_from_catalog):
+    _, sel, _, fit = sep_from_catalog
+    ok = (sel["FLAGS"] == 0) & (fit["flags"] & FAILED == 0) & (sel["FLUX_AUTO"] > 0)
+    star = ok & (sel["FLUX_RADIUS_1"] < STAR_R50)
+    ratio = fit["flux"][star] / sel["FLUX_AUTO"][star]
+    # measured: median 1.00, range 0.83-1.25 (the fainter stars). The Kron aperture
+    # (KRON_RADIUS x A_IMAGE = 3-8 px, 1.5-3.5 FWHM) misses only ~1 % of a Moffat with
+    # alpha ~5 (the fitted value), so the two totals agree; FLUX_AUTO errors set the scatter
+    assert 0.95 < np.median(ratio) < 1.10
+    r_star = np.corrcoef(np.log10(fit["flux"][star]), np.log10(sel["FLUX_AUTO"][star]))[0, 1]
+    r_all = np.corrcoef(np.log10(fit["flux"][ok]), np.log10(sel["FLUX_AUTO"][ok]))[0, 1]
+    # measured: r = 0.995 for the stars (over 1.8 decades); 0.94 with the galaxies, which a
+    # Moffat does not describe (some run to the shape limits, far from their Kron flux)
+    assert r_star >= 0.99 and r_all >= 0.9
+
+
+def test_sep_detection_matches_sextractor(sep_catalog):
+    exp, det, sel, counts, stamps, noise = _prepare("sep/image.fits", **SEP_SELECTION)
+    assert det.meta["r50_star"] == pytest.approx(1.2, abs=0.15)  # SExtractor: 1.21-1.24 for the bright stars
+    fit = _fit(stamps, noise)
+    tree = cKDTree(np.c_[sep_catalog["x"], sep_catalog["y"]])
+    dist, j = tree.query(np.c_[fit["x_init"], fit["y_init"]])
+    match = (dist < 1.5) & (sep_catalog["FLAGS"][j] == 0) & (fit["flags"] & FAILED == 0)
+    assert match.sum() >= 5  # measured: 7 (stars only: detection's size cut leaves galaxies out)
+    assert np.all(sep_catalog["FLUX_RADIUS_1"][j[match]] < STAR_R50)
+    dx = fit["x"][match] - (sep_catalog["XWIN_IMAGE"][j[match]] - 1.0)
+    dy = fit["y"][match] - (sep_catalog["YWIN_IMAGE"][j[match]] - 1.0)
+    assert np.median(np.abs(dx)) < 0.02 and np.median(np.abs(dy)) < 0.02  # measured 0.006, 0.008
+    ratio = fit["flux"][match] / sep_catalog["FLUX_AUTO"][j[match]]
+    assert 0.95 < np.median(ratio) < 1.10  # measured 1.02
+
+
+# --------------------------------------------------------------------------------------
+# photographic plates with a DSS WCS: detection, selection and fit end to end
+# --------------------------------------------------------------------------------------
+PLATES = {
+    # file: (pixel scale from PLTSCALE x XPIXELSZ [arcsec/px], fwhm bounds [arcsec], min selected)
+    "photutils_datasets/M6707HH.fits": (67.2 * 25.28445e-3, (2.0, 5.0), 100),
+    "astropy_data/HorseHead.fits": (67.2 * 15.0295e-3, (2.0, 5.0), 20),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PLATES))
+def plate(request):
+    exp, det, sel, counts, stamps, noise = _prepare(request.param)
+    fits_ = {model: _fit(stamps, noise, model) for model in ("moffat", "gaussian")}
+    return request.param, exp, counts, fits_
+
+
+def test_plate_wcs_and_selection(plate):
+    name, exp, counts, _ = plate
+    scale, _, min_selected = PLATES[name]
+    assert "DSS plate solution" in exp.wcs_note
+    assert exp.pixel_scale == pytest.approx(scale, rel=0.01)
+    assert counts["clean"] >= min_selected  # measured: M67 183, HorseHead 29
+    assert list(counts.values()) == sorted(counts.values(), reverse=True)
+
+
+def test_plate_fits_converge_with_sensible_fwhm(plate):
+    name, exp, counts, fits_ = plate
+    lo, hi = PLATES[name][1]
+    gauss, moffat = fits_["gaussian"], fits_["moffat"]
+    # Gaussian: measured 100 % flags == 0 on both plates
+    assert np.mean(gauss["flags"] == 0) >= 0.9
+    # Moffat: measured 92 % (M67) and 100 % (HorseHead) converged with values. Plate PSFs
+    # have Gaussian-like wings: alpha often runs to its upper limit (SHAPE_LIMIT, values
+    # kept), and on faint M67 stars the alpha-flux degeneracy makes flux/flux_err < 3
+    # (NO_SOURCE). flags == 0: 86 % and 62 %.
+    assert np.mean(moffat["flags"] & FAILED == 0) >= 0.9
+    for table in (gauss, moffat):
+        good = table["flags"] & FAILED == 0
+        fwhm_arcsec = np.median(table["fwhm"][good]) * exp.pixel_scale
+        # measured: M67 3.1" (Moffat) / 3.6" (Gaussian); HorseHead 3.4" / 3.6"
+        assert lo < fwhm_arcsec < hi
+
+
+# --------------------------------------------------------------------------------------
+# Spitzer: Galactic CAR WCS, MJy/sr, NaN pixels
+# --------------------------------------------------------------------------------------
+SPITZER = "photutils_datasets/spitzer_example_image.fits"
+
+
+def test_spitzer_read_detect_select_fit():
+    exp, det, sel, counts, stamps, noise = _prepare(SPITZER)
+    raw = fits.getdata(DATA / SPITZER)
+    np.testing.assert_array_equal(exp.mask, np.isnan(raw))
+    assert exp.mask.sum() == 3
+    # a Galactic WCS is celestial (astropy converts ICRS coordinates to it)
+    assert exp.wcs is not None and "GLON" in exp.wcs_note
+    assert exp.pixel_scale == pytest.approx(1.2, rel=1e-6)  # PIXSCAL1
+    assert exp.gain is None and any("MJy/sr" in n for n in exp.notes)  # GAIN is e-/DN
+    assert np.isfinite(det["ra"]).all()
+    assert counts["clean"] >= 3 and "variance" in noise  # measured: 7 stars
+    fit = _fit(stamps, noise)
+    good = fit["flags"] & FAILED == 0
+    assert good.mean() >= 0.8
+    # IRAC channel 1: FWHM 1.66" (undersampled at 1.2"/px); measured Moffat 1.57"
+    assert 1.2 < np.median(fit["fwhm"][good]) * exp.pixel_scale < 2.5
+
+
+def test_spitzer_with_a_nan_border(tmp_path):
+    with fits.open(DATA / SPITZER) as hdul:
+        data = hdul[0].data.astype(np.float32)
+        header = hdul[0].header.copy()
+    data[:, :60] = np.nan
+    data[-40:, :] = np.nan
+    path = tmp_path / "spitzer_nan_border.fits"
+    fits.PrimaryHDU(data, header).writeto(path)
+    exp = read_exposure(path)
+    np.testing.assert_array_equal(exp.mask, np.isnan(data))
+    bkg = estimate_background(exp)
+    assert np.isfinite(bkg.level).all() and np.isfinite(bkg.rms).all()
+    det = detect_stars(exp, background=bkg)
+    assert len(det) > 100 and np.all(det["x"] > 59) and np.all(det["y"] < data.shape[0] - 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sel, counts = select_stars(det, exp)
+    stamps = cut_stamps(exp, sel["x_init"], sel["y_init"], 17, background=bkg)
+    assert not (stamps.mask[:, 5:12, 5:12]).any()  # clean cores: no NaN near any selected star
+    noise, _ = noise_model(exp, stamps, bkg)
+    fit = _fit(stamps, noise)
+    assert len(fit) == counts["clean"] > 0
