@@ -27,7 +27,7 @@ class Flag(IntFlag):
     RESERVED = 512
     OFF_IMAGE = 1024
     SHAPE_UNTRUSTED = 2048
-    NEIGHBOR = 4096
+    POOR_FIT = 4096
 
 
 _MEANINGS = {
@@ -43,7 +43,7 @@ _MEANINGS = {
     Flag.RESERVED: "reserve star: left out of the joint PSF fit and scored with the final PSF",
     Flag.OFF_IMAGE: "position off the image, or its stamp not fully inside the image",
     Flag.SHAPE_UNTRUSTED: "the PSF shape used for this measurement could not be trusted",
-    Flag.NEIGHBOR: "a neighbouring source contaminates the stamp",
+    Flag.POOR_FIT: "chi2/dof far above what the PSF model allows (dipole, bad subtraction, blend); values kept",
 }
 
 #: Bits whose rows carry NaN values.

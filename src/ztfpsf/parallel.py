@@ -110,8 +110,16 @@ def map_files(
     return _map_dask(func, paths, n_workers, scheduler, desc, done, results)
 
 
+def _quiet_dask():
+    """Dask's own INFO lines (scheduler, workers) would drown ours: warnings only."""
+    for name in ("distributed", "distributed.scheduler", "distributed.core", "distributed.nanny", "distributed.worker", "distributed.http"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def _map_dask(func, paths, n_workers, scheduler, desc, done, results):
     from distributed import Client, LocalCluster, as_completed
+
+    _quiet_dask()
 
     cluster = None
     if scheduler is None:
