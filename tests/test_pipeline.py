@@ -162,3 +162,24 @@ def test_four_images_on_two_workers_one_corrupt(tmp_path):
             table = read_parquet(output_paths(image, out)["stars"])
             assert len(table) > 5 and np.mean(table["flags"] == 0) > 0.8
     assert read_json(output_paths(corrupt, out)["summary"])["status"] == "failed"
+
+
+def test_varying_psf_model_is_written_and_matches_truth(quadrant, tmp_path):
+    from ztfpsf import PSFModel
+    from ztfpsf.simulate import VaryingPSF
+
+    summary = process_image(quadrant["sciimg"], FitConfig(catalog=str(quadrant["catalog"]), psf="varying", degree=2, model="elliptical_moffat"), tmp_path)
+    paths = output_paths(quadrant["sciimg"], tmp_path)
+    psf = PSFModel.read(paths["psf"])
+    truth = Table.read(quadrant["truth"])
+    true_psf = VaryingPSF.from_dict(truth.meta["psf"])
+    table = read_parquet(paths["stars"])
+    x, y = np.asarray(table["x"]), np.asarray(table["y"])
+    assert np.sqrt(np.mean((psf.fwhm(x, y) / true_psf.fwhm(x, y) - 1) ** 2)) < 0.01
+    stats = summary["psf_stats"]
+    assert stats["n_reserve"] == int(np.sum((table["flags"] & 512) != 0)) > 0
+    assert abs(stats["chi2_dof_reserve"] / stats["chi2_dof_train"] - 1) < 0.05
+    # each star's own free-shape fit is kept beside the PSF's shape at the star
+    assert {"star_fwhm", "star_fwhm_err", "star_e1", "star_flags"} <= set(table.colnames)
+    ok = table["star_flags"] == 0
+    assert abs(np.median(table["star_fwhm"][ok] / table["fwhm"][ok]) - 1) < 0.01

@@ -11,6 +11,12 @@ _configure()
 
 from .flags import BAD, Flag  # noqa: E402
 from .fitting import METHODS, fit_stamps  # noqa: E402
+from .joint import fit_psf  # noqa: E402
 from .models import EllipticalMoffat, Gaussian, Moffat, get_model  # noqa: E402
+from .photometry import photometry  # noqa: E402
+from .psfmodel import PSFModel  # noqa: E402
 
-__all__ = ["fit_stamps", "METHODS", "Flag", "BAD", "Gaussian", "Moffat", "EllipticalMoffat", "get_model", "__version__"]
+__all__ = [
+    "fit_stamps", "fit_psf", "photometry", "PSFModel", "METHODS", "Flag", "BAD",
+    "Gaussian", "Moffat", "EllipticalMoffat", "get_model", "__version__",
+]

@@ -39,7 +39,7 @@ _MEANINGS = {
     Flag.SATURATED: "some stamp pixels were at or above the saturation level and got zero weight",
     Flag.SHAPE_LIMIT: "fitted shape at a physical limit (fwhm outside [0.5, stamp size] px or alpha outside [1.1, 20])",
     Flag.CENTER_SHIFT: "fitted centre moved more than max_shift px from the initial position",
-    Flag.OUTLIER: "clipped as an outlier (chi2/dof far above the rest) in a joint PSF fit",
+    Flag.OUTLIER: "left out of the joint PSF fit: chi2/dof far above stars of similar flux (binary, cosmic ray, neighbour) or unusable normal equations; measured with the final PSF fixed",
     Flag.RESERVED: "reserve star: left out of the joint PSF fit and scored with the final PSF",
     Flag.OFF_IMAGE: "position off the image, or its stamp not fully inside the image",
     Flag.SHAPE_UNTRUSTED: "the PSF shape used for this measurement could not be trusted",

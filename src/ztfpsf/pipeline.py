@@ -123,23 +123,31 @@ def _empty_fit_table(config):
 
 
 def _fit(stamps, exposure, config, noise):
-    """Per-star fits, and the joint PSF model when asked."""
-    common = dict(mask=stamps.mask, saturation=exposure.saturation, x_init=stamps.x_init, y_init=stamps.y_init, origin=stamps.origin, **noise)
-    kw = dict(model=config.model, method=config.method, dtype=config.dtype, backend=config.backend)
-    table = fit_stamps(stamps.data, **common, **kw, return_history=config.history)
-    psf, psf_stats = None, None
-    if config.psf != "independent":
-        from .joint import fit_psf
+    """Per-star fits; with a joint PSF model, the stars measured with that PSF.
 
-        psf, joint_table, psf_stats = fit_psf(
-            stamps.data, **common, model=config.model, mode=config.psf, degree=config.degree,
-            reserve=config.reserve, seed=config.seed, dtype=config.dtype, backend=config.backend,
-            image_shape=exposure.shape, image=str(exposure.path),
-        )  # fmt: skip
-        flags = np.asarray(joint_table["flags"]) & int(Flag.OUTLIER | Flag.RESERVED)
-        table["flags"] = np.asarray(table["flags"]) | flags
-        table["psf_fwhm"] = joint_table["fwhm"]
-    return table, psf, psf_stats
+    With ``psf`` 'shared' or 'varying' the table is the joint fit's (flux, x, y and
+    background with the image's PSF; shape columns: the PSF at the star) and each star's own
+    free-shape fit is kept as ``star_<name>`` (``star_fwhm``, ``star_alpha``...,
+    ``star_flags``), which the PSF maps compare with the model.
+    """
+    common = dict(mask=stamps.mask, saturation=exposure.saturation, x_init=stamps.x_init, y_init=stamps.y_init, origin=stamps.origin, **noise)
+    kw = dict(model=config.model, dtype=config.dtype, backend=config.backend)
+    table = fit_stamps(stamps.data, **common, **kw, method=config.method, return_history=config.history)
+    if config.psf == "independent":
+        return table, None, None
+    from .joint import fit_psf
+
+    psf, joint, stats = fit_psf(
+        stamps.data, **common, **kw, mode=config.psf, degree=config.degree, reserve=config.reserve,
+        seed=config.seed, image_shape=exposure.shape, image=str(exposure.path),
+    )  # fmt: skip
+    model = get_model(config.model)
+    for name in ("fwhm",) + tuple(n for n in model.shape_names if n != "fwhm"):
+        joint[f"star_{name}"] = table[name]
+        joint[f"star_{name}_err"] = table[f"{name}_err"]
+    joint["star_flags"] = table["flags"]
+    joint.meta.update(table.meta)
+    return joint, psf, stats
 
 
 def _summary_numbers(table, exposure):

@@ -153,7 +153,7 @@ def _percentiles(values):
 
 
 def _psf_section(summary, table):
-    from .plots.maps import star_ellipticity
+    from .plots.maps import independent_shapes, star_ellipticity
 
     pairs = []
     s = summary or {}
@@ -162,13 +162,15 @@ def _psf_section(summary, table):
         if key in s:
             pairs.append((label, _num(s[key])))
     if table is not None:
-        ok = _data.fitted_rows(table)
-        pairs.append(("fwhm [px] of fitted stars: median (16 – 84 %)", _percentiles(np.asarray(table["fwhm"], float)[ok])))
-        if "alpha" in table.colnames:
-            pairs.append(("alpha: median (16 – 84 %)", _percentiles(np.asarray(table["alpha"], float)[ok])))
-        ell = star_ellipticity(table)
+        stars = independent_shapes(table)  # each star's own fit, also after a joint PSF fit
+        ok = _data.fitted_rows(stars)
+        pairs.append(("fwhm [px] of fitted stars: median (16 – 84 %)", _percentiles(np.asarray(stars["fwhm"], float)[ok])))
+        if "alpha" in stars.colnames:
+            pairs.append(("alpha: median (16 – 84 %)", _percentiles(np.asarray(stars["alpha"], float)[ok])))
+        ell = star_ellipticity(stars)
         if ell is not None:
             pairs.append(("|e|: median (16 – 84 %)", _percentiles(np.hypot(*ell)[ok])))
+        ok = _data.fitted_rows(table)
         pairs.append(("chi2/dof: median (16 – 84 %)", _percentiles(_data.chi2_per_dof(table)[ok])))
     return "<h2>PSF summary</h2>" + _kv(pairs)
 

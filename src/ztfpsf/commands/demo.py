@@ -61,13 +61,13 @@ def run(args):
     print("selection: " + " -> ".join(f"{k} {v}" for k, v in summary["counts"].items()))
     print(f"fitted {summary['n_fitted']} stars and the varying PSF in {t_fit:.1f} s "
           f"(fit stage {summary['timings']['fit']:.2f} s, compilation included); {int(ok.sum())} with flags == 0\n")
-    print(f"{'per-star fits vs truth':<34}{'median':>10}{'scatter':>10}")
+    print(f"{'stars measured with the PSF model vs truth':<44}{'median':>10}{'scatter':>10}")
     for name in ("x", "y", "flux"):
         p = _pull(stars, name)[ok]
-        print(f"  {name + ' pull (fit - true)/err':<32}{np.median(p):>10.3f}{np.std(p):>10.3f}")
-    for name in ("flux", "fwhm", "alpha"):
+        print(f"  {name + ' pull (fit - true)/err':<42}{np.median(p):>10.3f}{np.std(p):>10.3f}")
+    for name, label in (("flux", "flux fit/true - 1"), ("fwhm", "PSF fwhm at the star / true - 1"), ("alpha", "PSF alpha at the star / true - 1")):
         r = (stars[f"{name}_fit"] / stars[f"{name}_true"] - 1)[ok]
-        print(f"  {name + ' fit/true - 1':<32}{np.median(r):>10.4f}{1.4826 * np.median(np.abs(r - np.median(r))):>10.4f}")
+        print(f"  {label:<42}{np.median(r):>10.4f}{1.4826 * np.median(np.abs(r - np.median(r))):>10.4f}")
     print(f"\nPSF model ({stats['mode']}, degree {stats['degree']}, {stats['n_fit']} stars, {stats['n_reserve']} reserved, "
           f"{stats['n_outlier']} clipped): fwhm map vs truth at the stars: rms {100 * np.sqrt(np.mean(fwhm_err**2)):.2f} %")
     print(f"chi2/dof: training stars {stats['chi2_dof_train']:.3f}, reserve stars {stats['chi2_dof_reserve']:.3f}")

@@ -55,8 +55,9 @@ class Options:
 # --------------------------------------------------------------------------------------
 # the compiled part: one chunk of stars
 # --------------------------------------------------------------------------------------
-def _border_variance(data, valid):
-    """Robust (1.4826 MAD) variance of each stamp's border pixels."""
+def border_variance(data, valid):
+    """Robust (1.4826 MAD) variance of each stamp's border pixels (the noise model when
+    neither a variance nor a gain is given), shape ``(N, 1, 1)``."""
     d = jnp.where(valid, data, jnp.nan)
     border = jnp.concatenate([d[:, 0], d[:, -1], d[:, 1:-1, 0], d[:, 1:-1, -1]], axis=1)
     med = jnp.nanmedian(border, axis=1, keepdims=True)
@@ -96,7 +97,7 @@ def _prepare(model, free, opts, data, mask, variance, per_star, start, has_init)
     data = jnp.where(valid, data, 0.0)
     theta = _start(model, free, data, valid, start, has_init)
     if opts.noise_mode == "border":
-        variance = _border_variance(data, valid)
+        variance = border_variance(data, valid)
     var = flatten(jnp.broadcast_to(variance, data.shape)) if opts.noise_mode != "model" else None
     valid = flatten(valid)
     gain, read_noise, sky = per_star[:, 0], per_star[:, 1], per_star[:, 2]
@@ -233,8 +234,9 @@ def _like_stamps(name, value, shape):
     return arr
 
 
-def _noise_mode(variance, gain, read_noise, sky, n):
-    """Noise mode and per-star (gain, read_noise, sky)."""
+def noise_mode(variance, gain, read_noise, sky, n):
+    """Noise mode ('given', 'model' or 'border') and per-star (gain, read_noise, sky);
+    checks the arguments and warns when no noise model is given."""
     per_star = np.ones((n, 3))
     per_star[:, 1:] = 0.0
     if variance is not None:
@@ -483,7 +485,7 @@ def fit_stamps(
     origin = None if origin is None else np.asarray(origin, dtype=np.float64)
     if origin is not None and origin.shape != (n, 2):
         raise ValueError(f"origin must have shape ({n}, 2); got {origin.shape}")
-    noise_mode, per_star = _noise_mode(variance, gain, read_noise, sky, n)
+    mode, per_star = noise_mode(variance, gain, read_noise, sky, n)
     sat = _per_star("saturation", saturation, n)
     per_star = np.column_stack([per_star, np.full(n, np.inf) if sat is None else sat])
     fixed_vals = _fixed_params(model, fixed, n)
@@ -494,7 +496,7 @@ def fit_stamps(
 
     opts = Options(
         max_iter=int(max_iter or _MAX_ITER.get(method, 30)), tol=float(tol), history=bool(return_history),
-        reweight=bool(reweight), adam_steps=int(adam_steps), adam_lr=float(adam_lr), noise_mode=noise_mode,
+        reweight=bool(reweight), adam_steps=int(adam_steps), adam_lr=float(adam_lr), noise_mode=mode,
         has_mask=mask is not None, has_variance=variance is not None, dtype=dtype.name,
     )
     devices = select_devices(backend)
@@ -521,7 +523,7 @@ def fit_stamps(
             f"variance must be > 0 on every pixel used: {int(res['bad_variance'].sum())} pixels <= 0 "
             f"in {stars.size} stamps (first: {stars[0]}); mask those pixels instead"
         )
-    desc = _NOISE_DESC[noise_mode] + (", refit once" if noise_mode == "model" and reweight else "")
+    desc = _NOISE_DESC[mode] + (", refit once" if mode == "model" and reweight else "")
     table = _build_table(model, free, method, opts, res, fixed_vals, origin, (ny, nx), dtype, min_snr, max_shift, desc)
     if return_history:
         table.meta["loss_history"] = np.asarray(res["history"], dtype=np.float64)

@@ -14,7 +14,21 @@ from ._data import fitted_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compute_maps", "plot_maps", "star_ellipticity", "load_psf_model"]
+__all__ = ["compute_maps", "plot_maps", "star_ellipticity", "independent_shapes", "load_psf_model"]
+
+
+def independent_shapes(table):
+    """The table with each star's own free-shape fit in the shape columns.
+
+    After a joint PSF fit the shape columns hold the PSF at the star and the star's own
+    fit is in ``star_<name>`` columns; the maps compare those with the model."""
+    star = [c for c in table.colnames if c.startswith("star_")]
+    if not star:
+        return table
+    view = table.copy(copy_data=False)
+    for c in star:
+        view[c[len("star_"):]] = table[c]
+    return view
 
 
 def star_ellipticity(table):
@@ -98,6 +112,7 @@ def compute_maps(table, psf_model=None, grid=16):
     (``(grid, grid)`` arrays, None where the model lacks them) evaluated on the grid.
     """
     ny, nx = _image_shape(table)
+    table = independent_shapes(table)
     rows = np.nonzero(fitted_rows(table) & np.isfinite(np.asarray(table["fwhm"], float)))[0]
     stars = {"row": rows, "x": np.asarray(table["x"], float)[rows], "y": np.asarray(table["y"], float)[rows]}
     stars["fwhm"] = np.asarray(table["fwhm"], float)[rows]

@@ -1,0 +1,86 @@
+"""``ztfpsf photometry``: forced PSF photometry at catalogue positions with a PSF file."""
+
+import logging
+import sys
+from pathlib import Path
+
+HELP = "forced PSF photometry: flux, mag and errors at given positions with a fitted PSF file"
+log = logging.getLogger("ztfpsf.photometry")
+
+_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".parquet": "parquet"}
+
+
+def add_arguments(p):
+    p.add_argument("image", help="FITS image (a ZTF sciimg finds its mskimg beside it)")
+    p.add_argument("--psf", required=True, metavar="PSF_FILE", help="PSF file written by `ztfpsf fit` (<stem>.psf.fits)")
+    p.add_argument("--positions", required=True, metavar="CAT",
+                   help="catalogue with x, y (0-based pixels) or ra, dec [deg] columns: CSV, ECSV, FITS, Parquet")
+    p.add_argument("--fit-position", action="store_true", help="fit x, y too (default: held at the given positions)")
+    p.add_argument("--out", metavar="FILE", help="output table (.csv, .ecsv, .fits, .parquet); default: CSV on stdout")
+    p.add_argument("--stamp", type=int, default=17, help="stamp size in pixels, odd (default 17)")
+    p.add_argument("--gain", type=float, help="gain [e-/ADU] (default: header GAIN)")
+    p.add_argument("--read-noise", type=float, help="read noise [e-] (default: header READNOI)")
+    p.add_argument("--zeropoint", type=float, help="magnitude zero point (default: header MAGZP)")
+    p.add_argument("--saturation", type=float, help="saturation level [ADU] (default: header SATURATE)")
+    p.add_argument("--mask", default="auto", help="mask file, 'auto' (ZTF mskimg beside a sciimg) or 'none'")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def _write(table, out, overwrite):
+    from ..cli import UserError
+
+    path = Path(out)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{out}: unknown output format {path.suffix!r}; use one of {', '.join(_FORMATS)}")
+    if path.exists() and not overwrite:
+        raise UserError(f"{out} exists (pass --overwrite)")
+    if fmt == "parquet":
+        table.to_pandas().to_parquet(path, index=False)
+    else:
+        table.write(path, format=fmt, overwrite=True)
+
+
+def run(args):
+    from ..cli import UserError
+    from ..flags import Flag
+    from ..io.catalog import CatalogError, read_catalog
+    from ..io.fits import ExposureError, read_exposure
+    from ..photometry import photometry
+    from ..psfmodel import PSFFileError, PSFModel
+
+    if args.stamp < 3 or args.stamp % 2 == 0:
+        raise UserError(f"--stamp must be an odd size >= 3; got {args.stamp}")
+    try:
+        psf = PSFModel.read(args.psf)
+    except PSFFileError as err:
+        raise UserError(str(err)) from None
+    mask = None if str(args.mask).lower() == "none" else args.mask
+    try:
+        exp = read_exposure(args.image, mask=mask, gain=args.gain, read_noise=args.read_noise,
+                            zeropoint=args.zeropoint, saturation=args.saturation)
+    except ExposureError as err:
+        raise UserError(str(err)) from None
+    if psf.image_shape is not None and tuple(psf.image_shape) != tuple(exp.shape):
+        log.warning("%s was fitted on a %dx%d image, %s is %dx%d", args.psf, psf.image_shape[1], psf.image_shape[0],
+                    args.image, exp.shape[1], exp.shape[0])
+    try:
+        cat = read_catalog(args.positions, wcs=exp.wcs, image_shape=exp.shape, wcs_note=exp.wcs_note)
+    except CatalogError as err:
+        raise UserError(str(err)) from None
+    if exp.gain is None:
+        log.warning("%s: no gain known (header GAIN or --gain): noise from each stamp's border scatter", args.image)
+    if exp.zeropoint is None:
+        log.warning("%s: no zero point known (header MAGZP or --zeropoint): mag and mag_err are NaN", args.image)
+    table = photometry(exp, psf, cat, fit_position=args.fit_position, stamp=args.stamp, dtype=args.dtype, backend=args.backend)
+    table.meta.update(image=str(args.image), psf=str(args.psf), positions=str(args.positions))
+    off = (table["flags"] & int(Flag.OFF_IMAGE)) != 0
+    log.info("%d positions: %d measured, %d off the image or the PSF's region", len(table), int((~off).sum()), int(off.sum()))
+    if args.out:
+        _write(table, args.out, args.overwrite)
+        log.info("wrote %s", args.out)
+    else:
+        table.write(sys.stdout, format="ascii.csv")
+    return 0

@@ -1,0 +1,402 @@
+"""The PSF of an image as an object and a file: write, read, evaluate anywhere.
+
+A :class:`PSFModel` holds a profile (``moffat``, ``elliptical_moffat``, ``gaussian``, with
+its pixel integration) whose internal shape parameters are Legendre polynomials in the
+image position (degree 0: one shape for the whole image). Positions are image pixel
+coordinates, 0-based with pixel centres at integers.
+
+Region of validity: the rectangle ``bounds = (xmin, xmax, ymin, ymax)`` (by default the
+image, pixel edges included: ``(-0.5, nx - 0.5, -0.5, ny - 0.5)``), over which the
+polynomials were fitted and normalised to [-1, 1]. Outside it every evaluation returns
+NaN (polynomials must not be extrapolated silently) unless ``extrapolate=True``.
+
+File format (``<stem>.psf.fits``, format version :data:`FORMAT_VERSION`)
+-------------------------------------------------------------------------
+Primary header: ``PSFVERS`` (format version), ``MODEL``, ``INTEG`` (pixel integration),
+``PSFMODE`` (``shared``/``varying``), ``DEGREE``, ``BASIS`` (``legendre``), ``NTERMS``,
+``NSHAPE``, ``XMIN, XMAX, YMIN, YMAX`` (validity and normalisation), ``IMNX, IMNY``
+(image size, if known), ``IMAGE`` (path of the image), ``ZPSFVER`` (ztfpsf version),
+``DATE``, and the fit's statistics when known: ``NSTARS, NFIT, NRESERVE, NOUTLIER,
+CHI2TRN, CHI2RES`` (chi2/dof of training and reserve stars).
+HDU ``COEFFS`` (table): one row per term: ``term`` (e.g. ``P1(x)P0(y)``), ``px, py``, then
+one column per internal shape parameter (e.g. ``ln_fwhm, ln_alpha_minus_1``): the
+coefficient of that term. Internal parameters at a position are
+``sum_j coef[j] * P_px[j](xn) * P_py[j](yn)`` with ``xn = 2 (x - XMIN)/(XMAX - XMIN) - 1``.
+HDU ``COVAR`` (image): covariance of the coefficients, shape-parameter-major (index
+``k * NTERMS + j`` for shape parameter ``k`` and term ``j``).
+HDU ``META`` (table ``key, value``): the full provenance as JSON values.
+"""
+
+import datetime
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from . import __version__
+from .joint import basis_terms, legendre_basis, normalise
+from .models import get_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PSFModel", "PSFFileError", "FORMAT_VERSION", "INTERNAL_NAMES"]
+
+#: Version of the PSF file layout written by this module; read() refuses others.
+FORMAT_VERSION = 1
+
+#: Names of each model's internal (fitted, unconstrained) shape parameters.
+INTERNAL_NAMES = {
+    "moffat": ("ln_fwhm", "ln_alpha_minus_1"),
+    "elliptical_moffat": ("ln_fwhm", "ln_alpha_minus_1", "eta1", "eta2"),
+    "gaussian": ("ln_sigma_x", "ln_sigma_y", "atanh_rho"),
+}
+_INTERNAL_DOC = {
+    "moffat": "ln(fwhm), ln(alpha - 1)",
+    "elliptical_moffat": "ln(fwhm), ln(alpha - 1), conformal ellipticity eta = atanh(|e|) e/|e|",
+    "gaussian": "ln(sigma_x), ln(sigma_y), atanh(rho)",
+}
+_HEADER_STATS = {
+    "n_stars": ("NSTARS", "stars given to the fit"),
+    "n_fit": ("NFIT", "stars that constrained the PSF"),
+    "n_reserve": ("NRESERVE", "reserve stars (left out, scored)"),
+    "n_outlier": ("NOUTLIER", "stars clipped as outliers"),
+    "chi2_dof_train": ("CHI2TRN", "chi2/dof of the training stars"),
+    "chi2_dof_reserve": ("CHI2RES", "chi2/dof of the reserve stars"),
+}
+
+
+class PSFFileError(ValueError):
+    """A PSF file that cannot be used (not a PSF file, other format version, corrupt)."""
+
+
+def _json_safe(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _padded(fn, *arrays):
+    """``fn`` on arrays padded (by repeating row 0) to a power-of-two length: few compiles."""
+    n = arrays[0].shape[0]
+    size = max(8, 1 << int(np.ceil(np.log2(max(n, 1)))))
+    padded = [np.concatenate([a, np.repeat(a[:1], size - n, axis=0)]) if size > n else a for a in arrays]
+    return np.asarray(fn(*padded), dtype=np.float64)[:n]
+
+
+@functools.lru_cache(maxsize=16)
+def _physical_fn(model):
+    """Compiled internal ``(N, n_shape)`` -> ``(N, n_shape + 3)``: shape, fwhm, e1, e2."""
+
+    def fn(u):
+        shape = model.shape_to_physical(tuple(u[:, k] for k in range(model.n_shape)))
+        e1, e2 = model.ellipticity(shape)
+        z = jnp.zeros_like(u[:, 0])
+        return jnp.stack(list(shape) + [model.fwhm(shape), e1 + z, e2 + z], axis=1)
+
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=16)
+def _jacobian_fn(model):
+    """Compiled d(shape, fwhm)/d(internal) per position: ``(N, n_shape + 1, n_shape)``."""
+
+    def one(u):
+        shape = model.shape_to_physical(tuple(u[k] for k in range(model.n_shape)))
+        return jnp.stack(list(shape) + [model.fwhm(shape)])
+
+    return jax.jit(jax.vmap(jax.jacfwd(one)))
+
+
+@functools.lru_cache(maxsize=16)
+def _stamp_fn(model, ny, nx):
+    """Compiled unit-flux pixel-integrated stamps from offsets ``(N,)`` and internal shapes."""
+    yy, xx = np.mgrid[0:ny, 0:nx]
+
+    def fn(dx, dy, u):
+        X = xx[None] - dx[:, None, None]
+        Y = yy[None] - dy[:, None, None]
+        return model.profile(X, Y, tuple(u[:, k, None, None] for k in range(model.n_shape)))
+
+    return jax.jit(fn)
+
+
+class PSFModel:
+    """A PSF valid over an image region, its shape a polynomial in the position.
+
+    Parameters
+    ----------
+    model : str or model instance
+        ``'moffat'``, ``'elliptical_moffat'`` or ``'gaussian'``.
+    coef : array (n_shape, n_terms)
+        Coefficients of the internal shape parameters (see :data:`INTERNAL_NAMES`) on the
+        Legendre terms of :func:`ztfpsf.joint.basis_terms` for ``degree``.
+    bounds : (xmin, xmax, ymin, ymax)
+        Region of validity and normalisation, image pixel coordinates.
+    degree : int
+        Total polynomial degree (0: one shape everywhere).
+    cov : array (n_shape * n_terms, n_shape * n_terms), optional
+        Covariance of the flattened ``coef``.
+    integration : str, optional
+        Pixel integration of the model (its default otherwise).
+    image_shape : (ny, nx), optional
+    meta : dict, optional
+        Provenance and fit statistics (written to the file).
+    """
+
+    def __init__(self, model, coef, bounds, *, degree=0, cov=None, integration=None, image_shape=None, meta=None):
+        self.model = get_model(model, integration)
+        self.degree = int(degree)
+        self.terms = basis_terms(self.degree)
+        coef = np.asarray(coef, dtype=np.float64)
+        expect = (self.model.n_shape, len(self.terms))
+        if coef.shape != expect:
+            raise ValueError(f"coef must have shape {expect} for {self.model.name} degree {self.degree}; got {coef.shape}")
+        self.coef = coef
+        self.bounds = tuple(float(b) for b in bounds)
+        if not (self.bounds[1] > self.bounds[0] and self.bounds[3] > self.bounds[2]):
+            raise ValueError(f"bounds must be (xmin, xmax, ymin, ymax) with xmax > xmin, ymax > ymin; got {bounds}")
+        P = coef.size
+        self.cov = None if cov is None else np.asarray(cov, dtype=np.float64).reshape(P, P)
+        self.image_shape = None if image_shape is None else tuple(int(v) for v in image_shape)
+        self.meta = dict(meta or {})
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def constant(cls, model, shape, bounds, *, integration=None, **kwargs):
+        """A PSF with one physical shape everywhere, e.g. ``{'fwhm': 2.1, 'alpha': 3.0}``."""
+        m = get_model(model, integration)
+        missing = [k for k in m.shape_names if k not in shape]
+        if missing:
+            raise ValueError(f"shape lacks {missing} for the {m.name} model")
+        u = m.shape_to_internal(tuple(jnp.asarray(float(shape[k]), jnp.float64) for k in m.shape_names))
+        coef = np.array([[float(v)] for v in u])
+        return cls(m, coef, bounds, degree=0, integration=m.integration, **kwargs)
+
+    @property
+    def mode(self):
+        return "shared" if self.degree == 0 else "varying"
+
+    @property
+    def internal_names(self):
+        return INTERNAL_NAMES[self.model.name]
+
+    def __repr__(self):
+        xmin, xmax, ymin, ymax = self.bounds
+        return (
+            f"PSFModel({self.model.name!r}, integration={self.model.integration!r}, mode={self.mode!r}, "
+            f"degree={self.degree}, bounds=({xmin:g}, {xmax:g}, {ymin:g}, {ymax:g}))"
+        )
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def contains(self, x, y):
+        """True where ``(x, y)`` is inside the region of validity (bounds included)."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        xmin, xmax, ymin, ymax = self.bounds
+        return (x >= xmin) & (x <= xmax) & (y >= ymin) & (y <= ymax)
+
+    def basis(self, x, y):
+        """Legendre basis ``(..., n_terms)`` at image positions."""
+        xn, yn = normalise(x, y, self.bounds)
+        return legendre_basis(xn, yn, self.degree)
+
+    def internal(self, x, y, extrapolate=False):
+        """Internal shape parameters ``(..., n_shape)``; NaN outside the validity region."""
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        u = self.basis(x, y) @ self.coef.T
+        if not extrapolate:
+            u = np.where(self.contains(x, y)[..., None], u, np.nan)
+        return u
+
+    def _physical(self, x, y, extrapolate):
+        """``(..., n_shape + 3)``: physical shape, fwhm, e1, e2 at the positions."""
+        u = self.internal(x, y, extrapolate)
+        flat = u.reshape(-1, self.model.n_shape)
+        if flat.shape[0] == 0:
+            return np.zeros(u.shape[:-1] + (self.model.n_shape + 3,))
+        out = _padded(_physical_fn(self.model), flat)
+        return out.reshape(u.shape[:-1] + (out.shape[-1],))
+
+    def shape(self, x, y, extrapolate=False):
+        """Physical shape parameters at ``(x, y)``: dict name -> array (NaN outside bounds)."""
+        p = self._physical(x, y, extrapolate)
+        return {name: p[..., k] for k, name in enumerate(self.model.shape_names)}
+
+    def shape_err(self, x, y, extrapolate=False):
+        """1-sigma errors of the physical shape parameters (and ``fwhm``) at ``(x, y)``,
+        propagated from the coefficients' covariance (NaN without one)."""
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        m = self.model
+        names = tuple(m.shape_names) + (() if "fwhm" in m.shape_names else ("fwhm",))
+        if self.cov is None or x.size == 0:
+            return {k: np.full(x.shape, np.nan) for k in names}
+        ns, K = m.n_shape, len(self.terms)
+        T = self.basis(x, y).reshape(-1, K)
+        J = _padded(_jacobian_fn(m), T @ self.coef.T)[:, : len(names)]  # (N, n_out, ns)
+        G = np.einsum("nik,nj->nikj", J, T).reshape(T.shape[0], len(names), ns * K)
+        var = np.einsum("nip,pq,niq->ni", G, self.cov, G)
+        out = np.sqrt(np.maximum(var, 0.0))
+        if not extrapolate:
+            out = np.where(self.contains(x, y).reshape(-1)[:, None], out, np.nan)
+        return {k: out[:, i].reshape(x.shape) for i, k in enumerate(names)}
+
+    def fwhm(self, x, y, extrapolate=False):
+        """FWHM [px] at ``(x, y)`` (the model's definition: for the elliptical Moffat the
+        geometric mean of the axes; for the Gaussian that of the equal-area circle)."""
+        return self._physical(x, y, extrapolate)[..., self.model.n_shape]
+
+    def alpha(self, x, y, extrapolate=False):
+        """Moffat power-law index at ``(x, y)``."""
+        if "alpha" not in self.model.shape_names:
+            raise ValueError(f"the {self.model.name} model has no alpha")
+        return self.shape(x, y, extrapolate)["alpha"]
+
+    def ellipticity(self, x, y, components=False, extrapolate=False):
+        """Ellipticity ``|e|`` at ``(x, y)``, or ``(e1, e2)`` with ``components=True``
+        (``e = (A^2 - B^2)/(A^2 + B^2)``, angle from +x towards +y; 0 for circular models)."""
+        p = self._physical(x, y, extrapolate)
+        e1, e2 = p[..., self.model.n_shape + 1], p[..., self.model.n_shape + 2]
+        return (e1, e2) if components else np.hypot(e1, e2)
+
+    def stamp_origin(self, x, y, shape=(17, 17)):
+        """Image coordinates ``(x0, y0)`` of pixel [0, 0] of the stamp :meth:`stamp` returns:
+        ``(round(x) - nx // 2, round(y) - ny // 2)`` (halves round up)."""
+        ny, nx = shape
+        x0 = np.floor(np.asarray(x, dtype=np.float64) + 0.5) - nx // 2
+        y0 = np.floor(np.asarray(y, dtype=np.float64) + 0.5) - ny // 2
+        return x0, y0
+
+    def stamp(self, x, y, shape=(17, 17), return_origin=False, extrapolate=False):
+        """Normalised, pixel-integrated PSF image of a star at ``(x, y)`` (sub-pixel).
+
+        The stamp's central pixel ``[ny // 2, nx // 2]`` is the image pixel nearest to
+        ``(x, y)`` (see :meth:`stamp_origin`); the star sits at ``(x - x0, y - y0)`` in
+        stamp coordinates. Values are the fraction of a unit total flux falling in each
+        pixel: the stamp sums to the flux enclosed by it (slightly below 1 for a finite
+        stamp). Scalars in: ``(ny, nx)``; arrays of N positions: ``(N, ny, nx)``. NaN
+        outside the region of validity (unless ``extrapolate``). With
+        ``return_origin=True`` also returns ``(x0, y0)``.
+        """
+        ny, nx = (int(shape), int(shape)) if np.ndim(shape) == 0 else (int(shape[0]), int(shape[1]))
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        scalar = x.ndim == 0
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        x0, y0 = self.stamp_origin(xf, yf, (ny, nx))
+        u = self.internal(xf, yf, extrapolate=True)
+        img = _padded(_stamp_fn(self.model, ny, nx), xf - x0, yf - y0, u)
+        if not extrapolate:
+            img = np.where(self.contains(xf, yf)[:, None, None], img, np.nan)
+        if scalar:
+            img, x0, y0 = img[0], x0[0], y0[0]
+        return (img, (x0, y0)) if return_origin else img
+
+    # -- file ---------------------------------------------------------------------------------
+    def write(self, path, overwrite=False):
+        """Write the PSF file (see the module docstring for the layout)."""
+        path = os.fspath(path)
+        hdr = fits.Header()
+        hdr["PSFVERS"] = (FORMAT_VERSION, "ztfpsf PSF file format version")
+        hdr["MODEL"] = (self.model.name, "PSF profile")
+        hdr["INTEG"] = (self.model.integration, "pixel integration of the profile")
+        hdr["PSFMODE"] = (self.mode, "shared: one shape; varying: polynomial in x, y")
+        hdr["DEGREE"] = (self.degree, "total degree of the shape polynomials")
+        hdr["BASIS"] = ("legendre", "P_px(xn) P_py(yn), xn = 2(x-XMIN)/(XMAX-XMIN)-1")
+        hdr["NTERMS"] = (len(self.terms), "polynomial terms")
+        hdr["NSHAPE"] = (self.model.n_shape, "internal shape parameters")
+        hdr["INTERNAL"] = _INTERNAL_DOC[self.model.name]
+        for key, v in zip(("XMIN", "XMAX", "YMIN", "YMAX"), self.bounds):
+            hdr[key] = (v, "validity region [px, 0-based]")
+        if self.image_shape is not None:
+            hdr["IMNY"], hdr["IMNX"] = self.image_shape
+        hdr["IMAGE"] = str(self.meta.get("image", ""))  # no comment: long paths continue over cards
+        hdr["ZPSFVER"] = (str(self.meta.get("ztfpsf_version", __version__)), "ztfpsf version")
+        hdr["DATE"] = (str(self.meta.get("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))), "UTC")
+        for key, (card, comment) in _HEADER_STATS.items():
+            value = self.meta.get(key)
+            if value is not None and np.isfinite(value):
+                hdr[card] = (value.item() if hasattr(value, "item") else value, comment)
+        coeffs = Table()
+        coeffs["term"] = [f"P{i}(x)P{j}(y)" for i, j in self.terms]
+        coeffs["px"] = np.array([i for i, _ in self.terms], dtype=np.int16)
+        coeffs["py"] = np.array([j for _, j in self.terms], dtype=np.int16)
+        for k, name in enumerate(self.internal_names):
+            coeffs[name] = self.coef[k]
+        hdus = [fits.PrimaryHDU(header=hdr), fits.table_to_hdu(coeffs)]
+        hdus[1].name = "COEFFS"
+        cov = self.cov if self.cov is not None else np.full((self.coef.size,) * 2, np.nan)
+        covh = fits.ImageHDU(cov, name="COVAR")
+        covh.header["ORDER"] = ("shape-major", "index = k * NTERMS + j")
+        hdus.append(covh)
+        meta = {k: json.dumps(_json_safe(v)) for k, v in self.meta.items()}
+        mt = Table({"key": list(meta) or [""], "value": list(meta.values()) or ["null"]})
+        hdus.append(fits.table_to_hdu(mt))
+        hdus[-1].name = "META"
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True)")
+        tmp = path + ".tmp"
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        return path
+
+    @classmethod
+    def read(cls, path):
+        """Read a PSF file; :class:`PSFFileError` names the file and the problem."""
+        path = os.fspath(path)
+        try:
+            with fits.open(path) as hdul:
+                hdr = hdul[0].header
+                if "PSFVERS" not in hdr:
+                    raise PSFFileError(f"{path}: not a ztfpsf PSF file (no PSFVERS keyword)")
+                version = hdr["PSFVERS"]
+                if version != FORMAT_VERSION:
+                    raise PSFFileError(
+                        f"{path}: PSF file format version {version}, but ztfpsf {__version__} reads "
+                        f"version {FORMAT_VERSION}; refit the PSF or read it with the ztfpsf that wrote it "
+                        f"({hdr.get('ZPSFVER', 'unknown')})"
+                    )
+                names = [h.name for h in hdul]
+                for need in ("COEFFS", "COVAR"):
+                    if need not in names:
+                        raise PSFFileError(f"{path}: PSF file lacks its {need} extension")
+                model = get_model(hdr["MODEL"], hdr["INTEG"])
+                degree = int(hdr["DEGREE"])
+                coeffs = Table(hdul["COEFFS"].data)
+                cov = np.array(hdul["COVAR"].data, dtype=np.float64)
+                meta = {}
+                if "META" in names:
+                    for k, v in zip(hdul["META"].data["key"], hdul["META"].data["value"]):
+                        if k:
+                            meta[str(k)] = json.loads(v)
+                bounds = tuple(float(hdr[k]) for k in ("XMIN", "XMAX", "YMIN", "YMAX"))
+                image_shape = (int(hdr["IMNY"]), int(hdr["IMNX"])) if "IMNX" in hdr else None
+        except PSFFileError:
+            raise
+        except FileNotFoundError:
+            raise PSFFileError(f"{path}: no such PSF file") from None
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise PSFFileError(f"{path}: unreadable PSF file ({err})") from None
+        internal = INTERNAL_NAMES[model.name]
+        missing = [n for n in internal if n not in coeffs.colnames]
+        if missing:
+            raise PSFFileError(f"{path}: COEFFS table lacks columns {missing} of the {model.name} model")
+        terms = list(zip(coeffs["px"].tolist(), coeffs["py"].tolist()))
+        if terms != basis_terms(degree):
+            raise PSFFileError(f"{path}: COEFFS terms {terms} do not match DEGREE = {degree}")
+        coef = np.array([np.asarray(coeffs[n], dtype=np.float64) for n in internal])
+        if np.all(np.isnan(cov)):
+            cov = None
+        meta.setdefault("image", hdr.get("IMAGE", ""))
+        return cls(model, coef, bounds, degree=degree, cov=cov, integration=model.integration, image_shape=image_shape, meta=meta)
