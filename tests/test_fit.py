@@ -196,3 +196,18 @@ def test_no_noise_model_warns_and_still_fits(small_stars):
     with pytest.warns(UserWarning, match="border scatter"):
         t = fit_stamps(data[:20], dtype="float64")
     assert np.all(np.abs(t["x"] - truth["x"][:20]) < 0.1)
+
+
+def test_straggler_compaction_gives_the_same_fits(small_stars, monkeypatch):
+    """Large (accelerator) chunks finish their slow stars in a sub-batch: same results."""
+    import ztfpsf.fitting.lm as lm
+
+    data, var, _ = small_stars
+    ref = fit_stamps(data, var, dtype="float64", chunk_size=128, return_history=True)
+    monkeypatch.setattr(lm, "_COMPACT_MIN", 16)
+    monkeypatch.setattr(lm, "_BULK_ITER", 2)  # most stars become stragglers: several rounds
+    t = fit_stamps(data, var, dtype="float64", chunk_size=64, return_history=True)
+    np.testing.assert_array_equal(t["n_iter"], ref["n_iter"])
+    np.testing.assert_allclose(t["x"], ref["x"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(t["flux_err"], ref["flux_err"], rtol=1e-9)
+    np.testing.assert_allclose(t.meta["loss_history"], ref.meta["loss_history"], rtol=1e-9)

@@ -5,7 +5,7 @@ chunk``): a batch is split over the devices of the chosen backend (``shard_map``
 2-core CPU two host devices keep both cores busy, jax#5506) and, on each device, mapped
 chunk after chunk (``lax.map``): a chunk's arrays stay in cache on a CPU and each chunk's
 solver loop stops as soon as its own stars are done. Full batches are zero-copy slices of
-the caller's arrays; only the last, partial batch is padded, to a power-of-two number of
+the caller's arrays; only the last, partial batch is padded, to 1, 2, 3, 4, 6, 8, 12, ...
 chunks, so few distinct shapes are ever compiled and large inputs cost no host copy.
 Batches are dispatched asynchronously, so the device works while the host slices.
 """
@@ -54,6 +54,13 @@ def _next_pow2(n):
     return 1 << max(0, int(np.ceil(np.log2(max(n, 1)))))
 
 
+def _bucket(n):
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x them) >= n:
+    few distinct shapes to compile, at most a third of a batch padded."""
+    p = _next_pow2(n)
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
 @functools.lru_cache(maxsize=128)
 def _compiled(task, devices, chunk):
     fn = functools.partial(*task)
@@ -92,7 +99,7 @@ def _batches(n, chunk, batch, ndev):
     out = [(i, i + batch, batch) for i in range(0, n - n % batch, batch)]
     rest = n % batch
     if rest:
-        size = ndev * chunk * _next_pow2(-(-rest // (ndev * chunk)))
+        size = ndev * chunk * _bucket(-(-rest // (ndev * chunk)))
         out.append((n - rest, n, size))
     return out
 
