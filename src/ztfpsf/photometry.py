@@ -18,6 +18,7 @@ import numpy as np
 from astropy.table import Table
 
 from .fitting import fit_stamps
+from .io.catalog import sky_to_pixel
 from .flags import Flag
 from .psfmodel import PSFModel
 
@@ -59,7 +60,7 @@ def positions_xy(positions, wcs=None):
             raise ValueError("positions need columns x, y (pixels) or ra, dec (degrees)")
         if wcs is None:
             raise ValueError("positions are ra, dec but no WCS is available to project them: give x, y or an image with a WCS")
-        x, y = (np.asarray(v, dtype=np.float64) for v in wcs.world_to_pixel_values(ra, dec))
+        x, y = sky_to_pixel(ra, dec, wcs)  # ICRS ra/dec, whatever the WCS's frame
     ident = np.asarray(positions["id"]) if "id" in _names(positions) else np.arange(len(x))
     return ident, x, y, ra, dec
 

@@ -94,9 +94,10 @@ def plot_timing(values, path=None):
     ax_t, ax_r, ax_b = fig.subplots(1, 3, width_ratios=[1, 1, 1.1])
     for k, (label, s) in enumerate(values["series"].items()):
         colour = f"C{k % 10}"
+        fmt = "s--" if "gpu" in label.lower() else "o-"  # accelerator series dashed: colours repeat after 10
         ax_t.errorbar(s["n"], s["seconds"], yerr=s["seconds_std"] if np.any(s["repeats"] > 1) else None,
-                      fmt="o-", ms=4, color=colour, label=label)
-        ax_r.plot(s["n"], s["stars_per_s"], "o-", ms=4, color=colour, label=label)
+                      fmt=fmt, ms=4, color=colour, label=label)
+        ax_r.plot(s["n"], s["stars_per_s"], fmt, ms=4, color=colour, label=label)
     for ax, ylabel, title in ((ax_t, "wall time [s]", "wall time"), (ax_r, "stars / s", "throughput")):
         ax.set_xscale("log")
         ax.set_yscale("log")
