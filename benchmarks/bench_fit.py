@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 import ztfpsf
-from ztfpsf.simulate import ZTF_GAIN, ZTF_READ_NOISE, simulate_stamps
+from ztfpsf.simulate import simulate_stamps
 
 SIZES = (10, 100, 500, 5000, 30000)
 
@@ -142,7 +142,7 @@ def main():
     nmax = max(args.sizes)
     data, var, truth = simulate_stamps(nmax, seed=1)
     print(f"ztfpsf {ztfpsf.__version__}, jax {ztfpsf._jax.jax.__version__}, device {device}, {os.cpu_count()} CPU cores")
-    print(f"Moffat stamps 17x17, mag 14-18, uncertainties included; best of repeats after a warm-up\n")
+    print("Moffat stamps 17x17, mag 14-18, uncertainties included; best of repeats after a warm-up\n")
 
     methods = {
         "lm32": ("lm", "float32", lambda d, v, t: ztfpsf.fit_stamps(d, v, dtype="float32", backend=args.backend)),

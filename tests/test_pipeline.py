@@ -117,6 +117,7 @@ def test_empty_selection_gives_empty_table_with_full_schema(quadrant, tmp_path):
         assert name in table.colnames
 
 
+@pytest.mark.filterwarnings("ignore::ztfpsf.selection.EmptySelectionWarning")
 def test_catalog_outside_the_footprint_warns(quadrant, tmp_path):
     cat = Table.read(quadrant["catalog"])
     cat["dec"] = cat["dec"] + 5.0  # the same stars, five degrees away

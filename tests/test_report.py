@@ -17,7 +17,7 @@ from ztfpsf.flags import BAD, Flag, decode, meaning
 from ztfpsf.plots import pixel_size, read_results
 from ztfpsf.report import find_stems, write_report
 
-from test_plots import STEM, sim_run  # noqa: F401  (session fixture: the simulated run)
+from simrun import STEM
 
 
 class _Refs(HTMLParser):

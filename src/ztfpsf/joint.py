@@ -37,7 +37,6 @@ previous one), results as a table and a :class:`~ztfpsf.psfmodel.PSFModel`.
 
 import functools
 import logging
-import warnings
 from dataclasses import dataclass
 
 import jax

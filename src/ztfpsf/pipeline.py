@@ -37,7 +37,7 @@ from .fitting.api import output_names
 from .flags import BAD, Flag
 from .io.catalog import read_catalog
 from .io.fits import read_exposure
-from .io.results import read_json, write_json, write_parquet
+from .io.results import read_json, result_paths, write_json, write_parquet
 from .models import get_model
 from .parallel import map_files
 from .selection import EmptySelectionWarning, select_stars
@@ -60,15 +60,8 @@ def stem_of(path):
 
 
 def output_paths(path, out_dir):
-    stem = stem_of(path)
-    out = Path(out_dir)
-    return {
-        "stars": out / f"{stem}.stars.parquet",
-        "summary": out / f"{stem}.summary.json",
-        "psf": out / f"{stem}.psf.fits",
-        "history": out / f"{stem}.history.npy",
-        "report": out / f"{stem}.report.html",
-    }
+    """Paths of the outputs of image ``path`` in ``out_dir``."""
+    return result_paths(out_dir, stem_of(path))
 
 
 def find_catalog(image_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .io.results import result_paths
 from . import __version__
 from .flags import BAD, Flag, decode, meaning
 from .plots import _data
@@ -289,7 +290,7 @@ def write_report(out_dir, stem, *, image=None, psf=None, worst=5, typical=2, pat
     """
     from .plots.make import load_run
 
-    paths = _data.output_paths(out_dir, stem)
+    paths = result_paths(out_dir, stem)
     summary = _read_summary(paths["summary"])
     if summary is None and not paths["stars"].is_file():
         raise FileNotFoundError(f"{out_dir}: no {paths['summary'].name} or {paths['stars'].name}")

@@ -15,9 +15,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.table import Table
 
-__all__ = ["atomic_path", "write_parquet", "read_parquet", "write_json", "read_json", "METADATA_KEY"]
+__all__ = ["atomic_path", "result_paths", "write_parquet", "read_parquet", "write_json", "read_json", "METADATA_KEY"]
 
 METADATA_KEY = b"ztfpsf"
+
+
+def result_paths(out_dir, stem):
+    """Paths of one image's outputs in ``out_dir`` (they need not exist)."""
+    out = Path(out_dir)
+    return {
+        "stars": out / f"{stem}.stars.parquet",
+        "summary": out / f"{stem}.summary.json",
+        "psf": out / f"{stem}.psf.fits",
+        "history": out / f"{stem}.history.npy",
+        "report": out / f"{stem}.report.html",
+    }
 
 
 @contextmanager
@@ -81,10 +93,23 @@ def write_parquet(table, path, metadata):
 
 
 def read_parquet(path):
-    """Read a result table; its ``meta`` holds the ``ztfpsf`` metadata."""
-    arrow = pq.read_table(path)
+    """Read a result table; its ``meta`` holds the ``ztfpsf`` metadata (empty if none).
+
+    Raises FileNotFoundError or ValueError, naming the file, when it is missing, not
+    Parquet, or its metadata is not JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file")
+    try:
+        arrow = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a Parquet file ({err})") from None
     table = Table({name: arrow.column(name).to_numpy(zero_copy_only=False) for name in arrow.column_names})
     raw = (arrow.schema.metadata or {}).get(METADATA_KEY)
     if raw:
-        table.meta.update(json.loads(raw))
+        try:
+            table.meta.update(json.loads(raw))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: the 'ztfpsf' metadata is not valid JSON ({err})") from None
     return table

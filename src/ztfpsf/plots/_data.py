@@ -5,13 +5,11 @@ results table, on the stamp cut from the image at the place the fit used
 (``origin = round(x_init) - size // 2``).
 """
 
-import json
 import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
-from astropy.table import Table
 
 from ..flags import BAD
 
@@ -22,10 +20,10 @@ __all__ = [
     "read_image",
     "read_mask",
     "read_history",
-    "output_paths",
     "cut_stamps",
     "stamp_origins",
     "render_models",
+    "stamps_and_models",
     "noise_sigma",
     "chi2_per_dof",
     "fitted_rows",
@@ -33,18 +31,6 @@ __all__ = [
 
 #: Stamp size used when the metadata does not say.
 DEFAULT_STAMP_SIZE = 17
-
-
-def output_paths(out_dir, stem):
-    """Paths of one image's outputs in ``out_dir`` (they need not exist)."""
-    out_dir = Path(out_dir)
-    return {
-        "stars": out_dir / f"{stem}.stars.parquet",
-        "summary": out_dir / f"{stem}.summary.json",
-        "history": out_dir / f"{stem}.history.npy",
-        "psf": out_dir / f"{stem}.psf.fits",
-        "report": out_dir / f"{stem}.report.html",
-    }
 
 
 def stem_of(path):
@@ -62,28 +48,15 @@ def read_results(path):
     Raises FileNotFoundError or ValueError (naming the file) when it is missing, not
     Parquet, or has no ``ztfpsf`` metadata.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from ..io.results import read_parquet
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such results file")
-    try:
-        arrow = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"{path}: not a Parquet file ({err})") from None
-    raw = (arrow.schema.metadata or {}).get(b"ztfpsf")
-    if raw is None:
+    table = read_parquet(path)
+    if "version" not in table.meta:
         raise ValueError(f"{path}: no 'ztfpsf' metadata in the Parquet schema; is it a ztfpsf results file?")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: the 'ztfpsf' metadata is not valid JSON ({err})") from None
-    table = Table({name: arrow.column(name).to_numpy(zero_copy_only=False) for name in arrow.column_names})
     for name in ("x", "y", "chi2", "flux", "flags"):
         if name not in table.colnames:
             raise ValueError(f"{path}: column {name!r} missing; is it a ztfpsf results file?")
-    table.meta.update(meta)
     table.meta["path"] = str(path)
     table.meta.setdefault("stamp_size", DEFAULT_STAMP_SIZE)
     return table
@@ -171,6 +144,13 @@ def cut_stamps(image, origins, size, mask=None):
     ox = np.clip(origins[:, 0], -pad, nx) + pad
     oy = np.clip(origins[:, 1], -pad, ny) + pad
     return padded[oy[:, None, None] + yy, ox[:, None, None] + xx]
+
+
+def stamps_and_models(table, image, mask=None):
+    """Stamp origins, data stamps cut from the image and re-rendered model stamps of the rows."""
+    size = int(table.meta.get("stamp_size", DEFAULT_STAMP_SIZE))
+    origins = stamp_origins(table, size)
+    return origins, cut_stamps(image, origins, size, mask), render_models(table, origins, size)
 
 
 def render_models(table, origins, size):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.results import result_paths
 from . import _data
 from .loss import compute_loss, plot_loss
 from .maps import compute_maps, load_psf_model, plot_maps
@@ -44,7 +45,7 @@ def load_run(results, image=None, psf=None, history=None):
     beside = None  # outputs next to the results file, when there is one
     if "path" in table.meta:
         stem = _data.stem_of(table.meta["path"])
-        beside = _data.output_paths(Path(table.meta["path"]).parent, stem)
+        beside = result_paths(Path(table.meta["path"]).parent, stem)
     else:
         stem = table.meta.get("stem", "ztfpsf")
     img, err = _load_image(table, image)

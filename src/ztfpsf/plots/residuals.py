@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from . import _style
-from ._data import chi2_per_dof, cut_stamps, fitted_rows, noise_sigma, render_models, stamp_origins
+from ._data import chi2_per_dof, fitted_rows, noise_sigma, stamps_and_models
 
 __all__ = ["compute_residuals", "plot_residuals", "chi2_bins"]
 
@@ -29,14 +29,11 @@ def chi2_bins(values, n=40):
 
 def _stack(table, image, mask):
     """Mean over fitted stars of (data - model) / flux and of (data - model) / sigma."""
-    size = int(table.meta.get("stamp_size", 17))
     rows = np.nonzero(fitted_rows(table) & np.isfinite(np.asarray(table["fwhm"], float)))[0]
     if rows.size == 0:
         return None, None, 0
     sub = table[rows]
-    origins = stamp_origins(sub, size)
-    data = cut_stamps(image, origins, size, mask)
-    model = render_models(sub, origins, size)
+    _, data, model = stamps_and_models(sub, image, mask)
     resid = data - model
     sigma, _ = noise_sigma(model, resid, table.meta)
     flux = np.asarray(sub["flux"], float)[:, None, None]

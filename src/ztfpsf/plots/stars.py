@@ -11,7 +11,7 @@ import numpy as np
 
 from ..flags import decode
 from . import _style
-from ._data import chi2_per_dof, cut_stamps, fitted_rows, noise_sigma, render_models, stamp_origins
+from ._data import chi2_per_dof, fitted_rows, noise_sigma, stamps_and_models
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,8 @@ def compute_stars(table, image, rows, mask=None):
     if not rows:
         return []
     index = np.array([int(r) for r, _ in rows])
-    size = int(table.meta.get("stamp_size", 17))
     sub = table[index]
-    origins = stamp_origins(sub, size)
-    data = cut_stamps(image, origins, size, mask)
-    model = render_models(sub, origins, size)
+    origins, data, model = stamps_and_models(sub, image, mask)
     residual = data - model
     sigma, how = noise_sigma(model, residual, table.meta)
     saturation = table.meta.get("saturation")
