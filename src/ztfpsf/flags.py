@@ -34,7 +34,7 @@ _MEANINGS = {
     Flag.NOT_CONVERGED: "iteration cap reached before the convergence test passed",
     Flag.FIT_FAILED: "non-finite chi2 or parameters, or a singular normal matrix; values are NaN",
     Flag.NO_DATA: "fewer usable pixels than free parameters (all NaN/masked/saturated); values are NaN",
-    Flag.NO_SOURCE: "no significant source: fitted flux/flux_err below min_snr with a free shape; values are NaN",
+    Flag.NO_SOURCE: "no significant source: flux over its error at the fitted shape below min_snr (3); values are NaN",
     Flag.MASKED_PIXELS: "some stamp pixels were masked or NaN and got zero weight",
     Flag.SATURATED: "some stamp pixels were at or above the saturation level and got zero weight",
     Flag.SHAPE_LIMIT: "fitted shape at a physical limit (fwhm outside [0.5, stamp size] px or alpha outside [1.1, 20])",

@@ -149,7 +149,10 @@ def _results(model, free, opts, theta, data, weight, at_solution, conv, xx, yy):
         return _physical(model, th), jnp.sqrt(jnp.maximum(jnp.einsum("ij,jk,ik->i", T, c, T), 0.0))
 
     values, errors = jax.vmap(one)(theta, cov)
-    return chi2, values, errors, ok, conv
+    # detection significance: flux over its error with the shape held at the fit (a faint
+    # star's shape-flux degeneracy inflates flux_err, not the evidence that a star is there)
+    detection = theta[:, 0] * jnp.sqrt(A[0, 0]) if 0 in free else jnp.full_like(chi2, jnp.inf)
+    return chi2, values, errors, ok, conv, detection
 
 
 def _fit_chunk(method, model, free, opts, data, mask, variance, per_star, start, has_init):
@@ -168,8 +171,8 @@ def _fit_chunk(method, model, free, opts, data, mask, variance, per_star, start,
         n_iter = n_iter + n2
         if opts.history:
             hist = jnp.concatenate([hist, h2], axis=0)
-    chi2, values, errors, ok, conv = _results(model, free, opts, theta, data, weight, at_solution, conv, xx, yy)
-    out = dict(values=values, errors=errors, chi2=chi2, ok=ok, n_iter=n_iter, converged=conv, n_valid=n_valid,
+    chi2, values, errors, ok, conv, detection = _results(model, free, opts, theta, data, weight, at_solution, conv, xx, yy)
+    out = dict(values=values, errors=errors, chi2=chi2, ok=ok, n_iter=n_iter, converged=conv, n_valid=n_valid, detection=detection,
                pix_flags=pix_flags, bad_variance=bad_var, x0=x0, y0=y0)
     if opts.history:
         out["history"] = hist.T
@@ -191,8 +194,8 @@ def _finish_chunk(model, free, opts, stamp_shape, data, valid, variance, per_sta
         weight = noise_weight(model_image(model, theta, xx, yy), valid, per_star[:, 0], per_star[:, 1], per_star[:, 2])
     else:
         weight = jnp.where(valid, 1.0 / variance, 0.0)
-    chi2, values, errors, ok, _ = _results(model, free, opts, theta, data, weight, None, True, xx, yy)
-    return dict(chi2=chi2, values=values, errors=errors, ok=ok)
+    chi2, values, errors, ok, _, detection = _results(model, free, opts, theta, data, weight, None, True, xx, yy)
+    return dict(chi2=chi2, values=values, errors=errors, ok=ok, detection=detection)
 
 
 # --------------------------------------------------------------------------------------
@@ -321,8 +324,7 @@ def _flags(model, free, res, stamp_size, min_snr, max_shift, col, err):
     flags[enough & ~res["converged"]] |= Flag.NOT_CONVERGED
     shape_free = any(3 <= i < 3 + model.n_shape for i in free)
     if shape_free and 0 in free:
-        snr = col["flux"] / np.where(err["flux"] > 0, err["flux"], np.inf)
-        flags[~(snr >= min_snr) & ((flags & (Flag.NO_DATA | Flag.FIT_FAILED)) == 0)] |= Flag.NO_SOURCE
+        flags[~(res["detection"] >= min_snr) & ((flags & (Flag.NO_DATA | Flag.FIT_FAILED)) == 0)] |= Flag.NO_SOURCE
     if shape_free:
         shape = tuple(jnp.asarray(col[s]) for s in model.shape_names)
         flags[~np.asarray(model.shape_ok(shape, float(stamp_size))) & finite] |= Flag.SHAPE_LIMIT
@@ -452,8 +454,8 @@ def fit_stamps(
     tol : float
         Convergence: the chi2 decrease predicted for the next step is below ``tol``.
     min_snr : float
-        With a free shape, a star whose flux/flux_err is below this is flagged
-        ``NO_SOURCE`` (its values are NaN).
+        With a free shape, a star whose detection significance (flux over its error with
+        the shape held at the fit) is below this is flagged ``NO_SOURCE`` (values NaN).
     max_shift : float
         Flag ``CENTER_SHIFT`` if the centre moved more than this [px] from its start.
     return_history : bool
