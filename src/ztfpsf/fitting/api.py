@@ -459,8 +459,9 @@ def fit_stamps(
     max_shift : float
         Flag ``CENTER_SHIFT`` if the centre moved more than this [px] from its start.
     return_history : bool
-        Record every star's chi2 at every iteration: ``table.meta['loss_history']``, an
-        array (N, n_iterations), NaN after a star's loop ended.
+        Record every star's chi2 at the start and after every iteration (both passes when
+        reweighting, one after the other): ``table.meta['loss_history']``, an array
+        (N, n_iterations), NaN after a star's loop ended.
     backend : {'auto', 'cpu', 'gpu'}
     chunk_size : int, optional
         Stars per chunk of the compiled loop (default 128 on a CPU, 65536 on a GPU).
@@ -528,8 +529,16 @@ def fit_stamps(
     desc = _NOISE_DESC[mode] + (", refit once" if mode == "model" and reweight else "")
     table = _build_table(model, free, method, opts, res, fixed_vals, origin, (ny, nx), dtype, min_snr, max_shift, desc)
     if return_history:
-        table.meta["loss_history"] = np.asarray(res["history"], dtype=np.float64)
+        table.meta["loss_history"] = _left_aligned(np.asarray(res["history"], dtype=np.float64))
     return table
+
+
+def _left_aligned(history):
+    """Each star's recorded values first, in order (the passes follow each other), NaN after."""
+    order = np.argsort(np.isnan(history), axis=1, kind="stable")
+    history = np.take_along_axis(history, order, axis=1)
+    used = np.any(np.isfinite(history), axis=0)
+    return history[:, : (np.nonzero(used)[0].max() + 1 if used.any() else 1)]
 
 
 def _fit_scipy(model, free, opts, arrays, devices, chunk_size, progress):
