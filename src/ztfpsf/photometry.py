@@ -19,6 +19,7 @@ from astropy.table import Table
 
 from .fitting import fit_stamps
 from .io.catalog import sky_to_pixel
+from .stamps import cut
 from .flags import Flag
 from .psfmodel import PSFModel
 
@@ -72,12 +73,6 @@ def _exposure_parts(image):
         return (np.asarray(image.data), get("mask"), get("wcs"), get("gain"), get("read_noise"),
                 get("zeropoint"), get("saturation"))
     return np.asarray(image), None, None, None, None, None, None
-
-
-def _cut(a, x0, y0, ny, nx):
-    """Stamps ``(N, ny, nx)`` of ``a`` with pixel [0, 0] at integer image ``(x0, y0)``."""
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    return a[y0[:, None, None] + yy, x0[:, None, None] + xx]
 
 
 def photometry(
@@ -184,9 +179,9 @@ def photometry(
     flags = np.where(inside, 0, int(Flag.OFF_IMAGE)).astype(np.int64)
     if idx.size:
         x0, y0 = x0f[idx].astype(np.int64), y0f[idx].astype(np.int64)
-        stamps = _cut(data, x0, y0, size, size)
-        m = None if mask is None else _cut(mask, x0, y0, size, size)
-        v = None if variance is None else _cut(variance, x0, y0, size, size)
+        stamps = cut(data, x0, y0, size)
+        m = None if mask is None else cut(mask, x0, y0, size, True)
+        v = None if variance is None else cut(variance, x0, y0, size)
         shape = psf.shape(x[idx], y[idx])
         fixed = dict(shape)
         pos = {}

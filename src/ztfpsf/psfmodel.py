@@ -274,10 +274,10 @@ class PSFModel:
     def stamp_origin(self, x, y, shape=(17, 17)):
         """Image coordinates ``(x0, y0)`` of pixel [0, 0] of the stamp :meth:`stamp` returns:
         ``(round(x) - nx // 2, round(y) - ny // 2)`` (halves round up)."""
+        from .stamps import stamp_origin
+
         ny, nx = shape
-        x0 = np.floor(np.asarray(x, dtype=np.float64) + 0.5) - nx // 2
-        y0 = np.floor(np.asarray(y, dtype=np.float64) + 0.5) - ny // 2
-        return x0, y0
+        return stamp_origin(x, 0.0, nx)[0], stamp_origin(0.0, y, ny)[1]
 
     def stamp(self, x, y, shape=(17, 17), return_origin=False, extrapolate=False):
         """Normalised, pixel-integrated PSF image of a star at ``(x, y)`` (sub-pixel).

@@ -12,7 +12,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from .io.catalog import on_image
-from .stamps import core_offsets
+from .stamps import core_offsets, stamp_origin
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +221,8 @@ def select_stars(
         cut("stellar", np.asarray(catalog["stellar"], bool)[idx], "star-like size and shape (detections)")
     else:
         cut("stellar", np.ones(len(idx), bool), "not applied (no 'stellar' column)" if stellar else "not applied (disabled)")
-    half = stamp // 2
-    x, y = x_all[idx], y_all[idx]
-    cx, cy = np.floor(x + 0.5), np.floor(y + 0.5)
-    stamp_inside = (cx - half >= 0) & (cx + half <= nx - 1) & (cy - half >= 0) & (cy + half <= ny - 1)
+    x0, y0 = stamp_origin(x_all[idx], y_all[idx], stamp)
+    stamp_inside = (x0 >= 0) & (x0 + stamp <= nx) & (y0 >= 0) & (y0 + stamp <= ny)
     rule = f"no masked/saturated pixel within {core_radius:g} px; {stamp}x{stamp} stamp inside the image"
     cut("clean", ~dirty_all[idx] & stamp_inside, rule)
 

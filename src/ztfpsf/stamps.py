@@ -13,7 +13,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Stamps", "cut_stamps", "noise_model", "core_offsets"]
+__all__ = ["Stamps", "cut_stamps", "cut", "stamp_origin", "noise_model", "core_offsets"]
 
 
 @dataclass
@@ -55,14 +55,29 @@ class Stamps:
         return self.mask | self.saturated
 
 
-def _centres(x, y):
-    """Nearest pixel of each position (round half up, not numpy's half-to-even)."""
-    return np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+def stamp_origin(x, y, size):
+    """Integer image (x, y) of pixel [0, 0] of the ``size`` stamp centred on the pixel nearest
+    each position: ``round(x) - size // 2``, halves rounded up (not numpy's half-to-even).
+    Float arrays; NaN where the position is not finite."""
+    half = int(size) // 2
+    return np.floor(np.asarray(x, dtype=np.float64) + 0.5) - half, np.floor(np.asarray(y, dtype=np.float64) + 0.5) - half
 
 
-def _gather(image, rows, cols, inside, fill):
-    out = image[np.clip(rows, 0, image.shape[0] - 1), np.clip(cols, 0, image.shape[1] - 1)]
-    return np.where(inside, out, fill)
+def _index(x0, y0, size, shape):
+    """Row and column indices (clipped to the image) of the stamps and where they are inside."""
+    offsets = np.arange(int(size))
+    rows = (np.asarray(y0, dtype=np.int64)[:, None] + offsets)[:, :, None]  # (N, s, 1)
+    cols = (np.asarray(x0, dtype=np.int64)[:, None] + offsets)[:, None, :]  # (N, 1, s)
+    ny, nx = shape
+    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
+    return np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1), inside
+
+
+def cut(image, x0, y0, size, fill=np.nan):
+    """``(N, size, size)`` stamps of ``image`` with pixel [0, 0] at integer ``(x0, y0)``;
+    pixels off the image are ``fill``. One fancy-indexing gather, no loop over stars."""
+    rows, cols, inside = _index(x0, y0, size, image.shape)
+    return np.where(inside, image[rows, cols], fill)
 
 
 def cut_stamps(exposure, x, y, size=17, *, background=None):
@@ -90,22 +105,20 @@ def cut_stamps(exposure, x, y, size=17, *, background=None):
         raise ValueError(f"x and y must be 1-D arrays of the same length; got {x.shape} and {y.shape}")
     ny, nx = exposure.data.shape
     finite = np.isfinite(x) & np.isfinite(y)
-    cx, cy = _centres(np.where(finite, x, 0.0), np.where(finite, y, 0.0))
-    half = size // 2
-    offsets = np.arange(-half, half + 1)
-    rows = (cy[:, None] + offsets)[:, :, None]  # (N, s, 1)
-    cols = (cx[:, None] + offsets)[:, None, :]  # (N, 1, s)
-    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx) & finite[:, None, None]
-    data = _gather(exposure.data, rows, cols, inside, np.nan)
-    mask = _gather(exposure.mask, rows, cols, inside, True) | ~inside
-    saturated = _gather(exposure.saturated, rows, cols, inside, False)
-    origin = np.stack([cx - half, cy - half], axis=1).astype(np.float64)
+    x0, y0 = (np.where(finite, v, 0).astype(np.int64) for v in stamp_origin(x, y, size))
+    rows, cols, inside = _index(x0, y0, size, (ny, nx))
+    inside = inside & finite[:, None, None]
+    data = np.where(inside, exposure.data[rows, cols], np.nan)
+    mask = np.where(inside, exposure.mask[rows, cols], True)
+    saturated = np.where(inside, exposure.saturated[rows, cols], False)
+    origin = np.stack([x0, y0], axis=1).astype(np.float64)
     origin[~finite] = np.nan
     off = ~inside.all(axis=(1, 2))
     stamps = Stamps(data=data, mask=mask, saturated=saturated, origin=origin, x_init=x.copy(), y_init=y.copy(), off_image=off)
     if background is not None:
-        stamps.sky_rms = _gather(background.rms, rows, cols, inside, np.nan)
-        stamps.sky = np.where(finite, background.level[np.clip(cy, 0, ny - 1), np.clip(cx, 0, nx - 1)], np.nan)
+        stamps.sky_rms = np.where(inside, background.rms[rows, cols], np.nan)
+        cx, cy = np.clip(x0 + size // 2, 0, nx - 1), np.clip(y0 + size // 2, 0, ny - 1)
+        stamps.sky = np.where(finite, background.level[cy, cx], np.nan)
     if off.any():
         log.debug("%s: %d of %d stamps leave the image (masked there)", exposure.name, int(off.sum()), len(x))
     return stamps

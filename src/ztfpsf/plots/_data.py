@@ -124,9 +124,10 @@ def read_history(path, n_rows=None):
 def stamp_origins(table, size):
     """Integer image (x, y) of each stamp's pixel [0, 0]: ``round(x_init) - size // 2``
     (halves rounded up, as :meth:`ztfpsf.psfmodel.PSFModel.stamp_origin`)."""
+    from ..stamps import stamp_origin
+
     xc, yc = ("x_init", "y_init") if "x_init" in table.colnames else ("x", "y")
-    x0 = np.floor(np.asarray(table[xc], dtype=float) + 0.5) - size // 2
-    y0 = np.floor(np.asarray(table[yc], dtype=float) + 0.5) - size // 2
+    x0, y0 = stamp_origin(table[xc], table[yc], size)
     x0 = np.where(np.isfinite(x0), x0, 0).astype(np.int64)
     y0 = np.where(np.isfinite(y0), y0, 0).astype(np.int64)
     return np.stack([x0, y0], axis=1)
@@ -134,16 +135,12 @@ def stamp_origins(table, size):
 
 def cut_stamps(image, origins, size, mask=None):
     """``(N, size, size)`` stamps at integer ``origins`` (x, y); NaN off the image and where masked."""
+    from ..stamps import cut
+
     image = np.asarray(image, dtype=np.float64)
     if mask is not None:
         image = np.where(mask, np.nan, image)
-    ny, nx = image.shape
-    pad = size
-    padded = np.pad(image, pad, constant_values=np.nan)
-    yy, xx = np.mgrid[0:size, 0:size]
-    ox = np.clip(origins[:, 0], -pad, nx) + pad
-    oy = np.clip(origins[:, 1], -pad, ny) + pad
-    return padded[oy[:, None, None] + yy, ox[:, None, None] + xx]
+    return cut(image, origins[:, 0], origins[:, 1], size)
 
 
 def stamps_and_models(table, image, mask=None):
