@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import __version__
 from .fitting import linalg
-from .fitting.api import _per_star, border_variance
+from .fitting.api import _per_star, border_variance, value_columns
 from .fitting.api import noise_mode as noise_mode_of
 from .fitting.batching import select_devices
 from .fitting.lm import lm_solve
@@ -739,15 +739,10 @@ def fit_psf(
     return psf, table, stats
 
 
-def _column_order(model):
-    shape = [k for k in model.shape_names if k != "fwhm"]
-    return ["x", "y", "flux", "background", "fwhm"] + shape
-
-
 def _result_table(m, psf, res, start, origin, flags, cand, used, reserved, left_out, converged, n_iter, max_shift):
     """One row per star (see :func:`fit_psf`)."""
     n = len(flags)
-    cols = _column_order(m)
+    cols = value_columns(m)
     val = {c: np.full(n, np.nan) for c in cols}
     err = {c: np.full(n, np.nan) for c in cols}
     flags = flags.copy()

@@ -33,7 +33,7 @@ from . import __version__
 from .config import FitConfig
 from .detect import detect_stars, estimate_background
 from .fitting import fit_stamps
-from .fitting.api import output_names
+from .fitting.api import value_columns
 from .flags import BAD, Flag
 from .io.catalog import read_catalog
 from .io.fits import read_exposure
@@ -107,7 +107,7 @@ def _stars(exposure, config, background):
 def _empty_fit_table(config):
     model = get_model(config.model)
     cols = ["x_init", "y_init"]
-    for name in ["x", "y", "flux", "background", "fwhm"] + [n for n in output_names(model) if n not in ("flux", "x", "y", "background", "fwhm")]:
+    for name in value_columns(model):
         cols += [name, f"{name}_err"]
     t = Table({c: np.zeros(0) for c in cols + ["chi2"]})
     for c in ("dof", "n_iter", "flags"):

@@ -308,7 +308,8 @@ def output_names(model):
     return ("flux", "x", "y") + model.shape_names + ("background",) + tuple(probe)
 
 
-def _column_order(model):
+def value_columns(model):
+    """Names of the value columns of a result table, in table order (each has ``_err``)."""
     shape = [n for n in output_names(model) if n not in ("flux", "x", "y", "background", "fwhm")]
     return ["x", "y", "flux", "background", "fwhm"] + shape
 
@@ -352,7 +353,7 @@ def _build_table(model, free, method, opts, res, fixed, origin, stamp_shape, dty
     t = Table()
     t["x_init"] = np.asarray(res["x0"], np.float64) + ox
     t["y_init"] = np.asarray(res["y0"], np.float64) + oy
-    for name in _column_order(model):
+    for name in value_columns(model):
         t[name] = col[name] + (ox if name == "x" else oy if name == "y" else 0.0)
         t[f"{name}_err"] = err[name]
     t["chi2"] = chi2
