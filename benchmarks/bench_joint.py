@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from ztfpsf import fit_stamps  # noqa: E402
 from ztfpsf.flags import BAD, Flag  # noqa: E402
-from ztfpsf.joint import fit_psf  # noqa: E402
+from ztfpsf.psf import fit_psf  # noqa: E402
 from ztfpsf.models import get_model  # noqa: E402
 from ztfpsf.simulate import mag_to_flux  # noqa: E402
 

@@ -10,9 +10,10 @@ from ztfpsf.fitting import fit_stamps
 from ztfpsf.fitting.batching import select_devices
 from ztfpsf.fitting.objective import flatten, model_image, pixel_grid
 from ztfpsf.flags import BAD, Flag
-from ztfpsf.joint import JointOptions, fit_psf, joint_solve, legendre_basis, normalise
+from ztfpsf.psf.basis import legendre_basis, normalise
+from ztfpsf.psf.joint import JointOptions, fit_psf, joint_solve
 from ztfpsf.models import get_model
-from ztfpsf.psfmodel import PSFModel
+from ztfpsf.psf import PSFModel
 from ztfpsf.simulate import mag_to_flux
 
 NX, NY = 3072, 3080  # a ZTF quadrant

@@ -12,7 +12,7 @@ from ztfpsf.cli import main
 from ztfpsf.flags import Flag
 from ztfpsf.models import get_model
 from ztfpsf.photometry import photometry
-from ztfpsf.psfmodel import PSFModel
+from ztfpsf.psf import PSFModel
 from ztfpsf.simulate import mag_to_flux
 
 NY, NX = 1230, 1200

@@ -196,7 +196,7 @@ def test_gaussian_results():
 # maps
 # ---------------------------------------------------------------------------------------
 class StandInPSF:
-    """Has the methods of ztfpsf.psfmodel.PSFModel that the maps use."""
+    """Has the methods of ztfpsf.psf.PSFModel that the maps use."""
 
     def fwhm(self, x, y):
         return true_fwhm(x, y)

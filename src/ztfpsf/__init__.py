@@ -11,10 +11,10 @@ _configure()
 
 from .flags import BAD, Flag  # noqa: E402
 from .fitting import METHODS, fit_stamps  # noqa: E402
-from .joint import fit_psf  # noqa: E402
+from .psf import fit_psf  # noqa: E402
 from .models import EllipticalMoffat, Gaussian, Moffat, get_model  # noqa: E402
 from .photometry import photometry  # noqa: E402
-from .psfmodel import PSFModel  # noqa: E402
+from .psf import PSFModel  # noqa: E402
 
 __all__ = [
     "fit_stamps", "fit_psf", "photometry", "PSFModel", "METHODS", "Flag", "BAD",

@@ -1,7 +1,7 @@
 """Forced PSF photometry: the flux of a source at a given position with a known PSF.
 
 For every position a stamp is cut around the nearest pixel, the PSF's shape there is
-taken from the :class:`~ztfpsf.psfmodel.PSFModel`, and ``flux`` and ``background`` (and,
+taken from the :class:`~ztfpsf.psf.PSFModel`, and ``flux`` and ``background`` (and,
 with ``fit_position``, ``x, y``) are fitted with the shape held fixed: one batched
 :func:`ztfpsf.fit_stamps` call for all positions (a linear problem without
 ``fit_position``: one or two iterations).
@@ -21,7 +21,7 @@ from .fitting import fit_stamps
 from .io.catalog import sky_to_pixel
 from .stamps import cut
 from .flags import Flag
-from .psfmodel import PSFModel
+from .psf import PSFModel
 
 log = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ def _fit(stamps, exposure, config, noise):
     table = fit_stamps(stamps.data, **common, **kw, method=config.method, return_history=config.history)
     if config.psf == "independent":
         return table, None, None
-    from .joint import fit_psf
+    from .psf import fit_psf
 
     psf, joint, stats = fit_psf(
         stamps.data, **common, **kw, mode=config.psf, degree=config.degree, reserve=config.reserve,

@@ -33,7 +33,7 @@ def run(args):
     from ..config import FitConfig
     from ..io.results import read_parquet
     from ..pipeline import output_paths, process_image
-    from ..psfmodel import PSFModel
+    from ..psf import PSFModel
     from ..simulate import VaryingPSF, simulate_quadrant
 
     out = Path(args.out)

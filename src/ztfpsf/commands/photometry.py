@@ -49,7 +49,7 @@ def run(args):
     from ..io.catalog import CatalogError, read_catalog
     from ..io.fits import ExposureError, read_exposure
     from ..photometry import photometry
-    from ..psfmodel import PSFFileError, PSFModel
+    from ..psf import PSFFileError, PSFModel
 
     if args.stamp < 3 or args.stamp % 2 == 0:
         raise UserError(f"--stamp must be an odd size >= 3; got {args.stamp}")

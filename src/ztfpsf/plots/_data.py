@@ -123,7 +123,7 @@ def read_history(path, n_rows=None):
 
 def stamp_origins(table, size):
     """Integer image (x, y) of each stamp's pixel [0, 0]: ``round(x_init) - size // 2``
-    (halves rounded up, as :meth:`ztfpsf.psfmodel.PSFModel.stamp_origin`)."""
+    (halves rounded up, as :meth:`ztfpsf.psf.PSFModel.stamp_origin`)."""
     from ..stamps import stamp_origin
 
     xc, yc = ("x_init", "y_init") if "x_init" in table.colnames else ("x", "y")

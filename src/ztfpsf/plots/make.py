@@ -37,7 +37,7 @@ def load_run(results, image=None, psf=None, history=None):
     ``image``: FITS path or array (default: the path in the metadata). A missing image is
     not an error here (``run.image`` is None and ``run.image_error`` says why); figures
     that need the pixels then say so. ``psf``: PSF model object or file (default
-    ``<stem>.psf.fits`` beside the results, when it exists and ``ztfpsf.psfmodel`` is
+    ``<stem>.psf.fits`` beside the results, when it exists and ``ztfpsf.psf`` is
     available). ``history``: array or ``.npy`` file (default ``<stem>.history.npy``
     beside the results, when it exists).
     """

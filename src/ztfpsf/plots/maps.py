@@ -56,7 +56,7 @@ def _image_shape(table):
 
 
 def load_psf_model(path):
-    """A spatially varying PSF model read with ``ztfpsf.psfmodel.PSFModel.read``, or None.
+    """A spatially varying PSF model read with ``ztfpsf.psf.PSFModel.read``, or None.
 
     None (with a log message) when the file does not exist or the module is unavailable.
     """
@@ -65,9 +65,9 @@ def load_psf_model(path):
     if path is None or not Path(path).is_file():
         return None
     try:
-        from ..psfmodel import PSFModel
+        from ..psf import PSFModel
     except ImportError as err:
-        log.info("PSF model %s not drawn: ztfpsf.psfmodel unavailable (%s)", path, err)
+        log.info("PSF model %s not drawn: ztfpsf.psf unavailable (%s)", path, err)
         return None
     return PSFModel.read(path)
 
@@ -90,7 +90,7 @@ def _model_values(psf_model, x, y):
         v = _call(getattr(psf_model, name, None), x, y)
         out[name] = None if v is None else np.asarray(v, dtype=float).reshape(x.shape)
     fn = getattr(psf_model, "ellipticity", None)
-    try:  # ztfpsf.psfmodel.PSFModel gives |e| unless components=True
+    try:  # ztfpsf.psf.PSFModel gives |e| unless components=True
         ell = _call(fn, x, y, components=True)
     except TypeError:
         ell = _call(fn, x, y)

@@ -39,9 +39,9 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from . import __version__
-from .joint import basis_terms, legendre_basis, normalise
-from .models import get_model
+from .. import __version__
+from ..models import get_model
+from .basis import basis_terms, legendre_basis, normalise
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class PSFModel:
         ``'moffat'``, ``'elliptical_moffat'`` or ``'gaussian'``.
     coef : array (n_shape, n_terms)
         Coefficients of the internal shape parameters (see :data:`INTERNAL_NAMES`) on the
-        Legendre terms of :func:`ztfpsf.joint.basis_terms` for ``degree``.
+        Legendre terms of :func:`ztfpsf.psf.basis.basis_terms` for ``degree``.
     bounds : (xmin, xmax, ymin, ymax)
         Region of validity and normalisation, image pixel coordinates.
     degree : int
@@ -274,7 +274,7 @@ class PSFModel:
     def stamp_origin(self, x, y, shape=(17, 17)):
         """Image coordinates ``(x0, y0)`` of pixel [0, 0] of the stamp :meth:`stamp` returns:
         ``(round(x) - nx // 2, round(y) - ny // 2)`` (halves round up)."""
-        from .stamps import stamp_origin
+        from ..stamps import stamp_origin
 
         ny, nx = shape
         return stamp_origin(x, 0.0, nx)[0], stamp_origin(0.0, y, ny)[1]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from ztfpsf.joint import basis_terms, legendre_basis
+from ztfpsf.psf.basis import basis_terms, legendre_basis
 from ztfpsf.models import get_model
-from ztfpsf.psfmodel import FORMAT_VERSION, PSFFileError, PSFModel
+from ztfpsf.psf.model import FORMAT_VERSION, PSFFileError, PSFModel
 
 NX, NY = 3072, 3080
 BOUNDS = (-0.5, NX - 0.5, -0.5, NY - 0.5)

@@ -32,7 +32,7 @@ chunks it has nothing to do in.
 
 :func:`fit_psf` is the user-facing entry: moment-based starting values, reserve stars,
 rounds of outlier clipping (each round re-weights the pixels with the model of the
-previous one), results as a table and a :class:`~ztfpsf.psfmodel.PSFModel`.
+previous one), results as a table and a :class:`~ztfpsf.psf.model.PSFModel`.
 """
 
 import functools
@@ -45,18 +45,20 @@ import numpy as np
 from astropy.table import Table
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import __version__
-from .fitting import linalg
-from .fitting.api import _per_star, border_variance, value_columns
-from .fitting.api import noise_mode as noise_mode_of
-from .fitting.batching import select_devices
-from .fitting.lm import lm_solve
-from .fitting.moments import initial_guess
-from .fitting.objective import flatten, model_image, noise_weight, normal_equations, pixel_grid
-from .flags import BAD, Flag
-from .models import get_model
+from .. import __version__
+from ..fitting import linalg
+from ..fitting.api import _per_star, border_variance, value_columns
+from ..fitting.api import noise_mode as noise_mode_of
+from ..fitting.batching import select_devices
+from ..fitting.lm import lm_solve
+from ..fitting.moments import initial_guess
+from ..fitting.objective import flatten, model_image, noise_weight, normal_equations, pixel_grid
+from ..flags import BAD, Flag
+from ..models import get_model
+from .basis import basis_terms, legendre_basis, normalise
+from .model import PSFModel
 
-__all__ = ["fit_psf", "MODES", "basis_terms", "legendre_basis", "normalise", "JointOptions", "joint_solve", "N_LOCAL"]
+__all__ = ["fit_psf", "MODES", "JointOptions", "joint_solve", "N_LOCAL"]
 
 log = logging.getLogger(__name__)
 
@@ -66,46 +68,6 @@ _LAMBDA0 = 1e-3
 _LAMBDA_MIN = 1e-9
 _LAMBDA_MAX = 1e10
 _CHUNK = 128
-
-
-# --------------------------------------------------------------------------------------
-# polynomial basis over the image
-# --------------------------------------------------------------------------------------
-def basis_terms(degree):
-    """``[(px, py), ...]``: Legendre terms ``P_px(x) P_py(y)`` of total degree <= ``degree``.
-
-    Ordered by total degree, then by decreasing power of x: ``(0,0), (1,0), (0,1), (2,0),
-    (1,1), (0,2), ...``; ``(degree + 1)(degree + 2)/2`` terms.
-    """
-    degree = int(degree)
-    if degree < 0:
-        raise ValueError(f"degree must be >= 0; got {degree}")
-    return [(d - j, j) for d in range(degree + 1) for j in range(d + 1)]
-
-
-def normalise(x, y, bounds):
-    """Image coordinates -> [-1, 1] over ``bounds = (xmin, xmax, ymin, ymax)``."""
-    xmin, xmax, ymin, ymax = bounds
-    xn = 2.0 * (np.asarray(x, dtype=np.float64) - xmin) / (xmax - xmin) - 1.0
-    yn = 2.0 * (np.asarray(y, dtype=np.float64) - ymin) / (ymax - ymin) - 1.0
-    return xn, yn
-
-
-def _legendre(t, n):
-    """``[P_0(t), ..., P_n(t)]`` by the three-term recurrence (numpy or jax arrays)."""
-    p = [t * 0.0 + 1.0]
-    if n >= 1:
-        p.append(t)
-    for k in range(1, n):
-        p.append(((2 * k + 1) * t * p[k] - k * p[k - 1]) / (k + 1))
-    return p
-
-
-def legendre_basis(xn, yn, degree):
-    """Basis values ``(N, n_terms)`` at normalised coordinates (numpy in, numpy out)."""
-    xn, yn = np.asarray(xn, dtype=np.float64), np.asarray(yn, dtype=np.float64)
-    px, py = _legendre(xn, degree), _legendre(yn, degree)
-    return np.stack([px[i] * py[j] for i, j in basis_terms(degree)], axis=-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -613,7 +575,7 @@ def fit_psf(
 
     Returns
     -------
-    psf : :class:`ztfpsf.psfmodel.PSFModel`
+    psf : :class:`ztfpsf.psf.PSFModel`
     table : astropy.table.Table
         One row per stamp with the columns of :func:`ztfpsf.fit_stamps`; the shape
         columns are the PSF's shape at the star (errors from the coefficients'
@@ -625,8 +587,6 @@ def fit_psf(
         ``model, mode, degree, n_stars, n_fit, n_reserve, n_outlier, n_excluded,
         chi2_dof_train, chi2_dof_reserve, converged, n_iter, rounds, fwhm_median``.
     """
-    from .psfmodel import PSFModel
-
     if mode == "independent":
         raise ValueError("mode 'independent' is a per-star fit: use ztfpsf.fit_stamps")
     if mode not in MODES:
