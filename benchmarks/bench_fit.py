@@ -101,6 +101,7 @@ def photutils_fixed_shape(data, var, truth):
 # ---- compile time in fresh processes ---------------------------------------------------
 _PROBE = """
 import time, numpy as np, ztfpsf
+ztfpsf.configure()
 from ztfpsf.simulate import simulate_stamps
 d, v, _ = simulate_stamps({n}, seed=1)
 t0 = time.perf_counter(); ztfpsf.fit_stamps(d, v, backend="{backend}"); t1 = time.perf_counter()
@@ -128,6 +129,7 @@ def one_device_lm(n, backend):
 
 
 def main():
+    ztfpsf.configure()  # a benchmark owns its process: float64, all cores, compilation cache
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     ap.add_argument("--slow-max", type=int, default=5000, help="largest N for scipy, adam and the outside baselines")

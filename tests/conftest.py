@@ -7,6 +7,11 @@ os.environ.setdefault("ZTFPSF_CACHE_DIR", os.path.join(os.path.dirname(__file__)
 
 import pytest  # noqa: E402
 
+import ztfpsf  # noqa: E402
+
+# the test process is ztfpsf's own: the set-up of its commands (float64, all cores, cache)
+ztfpsf.configure()
+
 
 @pytest.fixture(scope="session")
 def sim_run(tmp_path_factory):

@@ -1,26 +1,22 @@
-"""A small simulated run written as the pipeline writes it: the fixture of the figure and
+"""A small simulated run, fitted by the real ``ztfpsf fit``: the fixture of the figure and
 report tests (``sim_run`` in conftest.py)."""
 
-import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from ztfpsf import get_model
-from ztfpsf.flags import BAD, Flag
 from ztfpsf.io.results import result_paths as output_paths
-from ztfpsf.plots._data import cut_stamps, stamp_origins
 
 IMAGE_SHAPE = (300, 300)
 STAMP = 17
-GAIN, READ_NOISE, SKY, ZEROPOINT = 6.2, 8.0, 150.0, 26.2
+GAIN, READ_NOISE, SKY, ZEROPOINT, SATURATION = 6.2, 8.0, 150.0, 26.2, 50000.0
 STEM = "ztf_sim_sciimg"
 
 
 # ---------------------------------------------------------------------------------------
-# a small simulated run, written as the pipeline writes it
+# a small simulated image, fitted as a user would
 # ---------------------------------------------------------------------------------------
 def true_fwhm(x, y):
     return 1.9 + 0.8 * np.asarray(x) / IMAGE_SHAPE[1]
@@ -37,28 +33,15 @@ def _positions(rng):
     return x[:41], y[:41]
 
 
-def write_results(table, meta, summary, out_dir, stem):
-    """Write ``<stem>.stars.parquet`` (+ ``ztfpsf`` metadata), ``.summary.json``, ``.history.npy``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    paths = output_paths(out_dir, stem)
-    arrow = pa.table({c: np.asarray(table[c]) for c in table.colnames})
-    arrow = arrow.replace_schema_metadata({b"ztfpsf": json.dumps(meta).encode()})
-    pq.write_table(arrow, paths["stars"])
-    paths["summary"].write_text(json.dumps(summary, indent=1))
-    if "loss_history" in table.meta:
-        np.save(paths["history"], table.meta["loss_history"])
-    return paths
-
-
 def build_run(out_dir):
     """40 Moffat stars (fwhm and alpha varying over the image) + one empty catalogue position
-    in a 300x300 image with ZTF-like noise; one star has a dead (masked) pixel."""
+    in a 300x300 image with ZTF-like noise (header GAIN, READNOI, SATURATE, MAGZP); one star
+    has a dead (masked) pixel 4 px from its centre. Fitted by ``ztfpsf fit`` with the
+    catalogue and the mask (``--history``): its outputs are in ``out_dir``."""
     from astropy.io import fits
     from astropy.table import Table
 
-    from ztfpsf import fit_stamps
+    from ztfpsf.cli import main
     from ztfpsf.io.ztf import MASK_BITS
 
     rng = np.random.default_rng(7)
@@ -77,46 +60,23 @@ def build_run(out_dir):
         truth_image[oy[k]:oy[k] + box, ox[k]:ox[k] + box] += stars[k]
     image = (rng.poisson(truth_image * GAIN) + rng.normal(0, READ_NOISE, truth_image.shape)) / GAIN
     mask = np.zeros(IMAGE_SHAPE, np.int32)
-    dead = (int(round(y[3])) + 1, int(round(x[3])))
+    dead = (int(round(y[3])) + 4, int(round(x[3])))  # in the stamp, outside the 3 px core the selection keeps clean
     mask[dead] = 1 << MASK_BITS["dead"]
-    img_path = Path(out_dir) / f"{STEM}.fits"
-    mask_path = Path(out_dir) / "ztf_sim_mskimg.fits"
-    fits.PrimaryHDU(image.astype(np.float32)).writeto(img_path, overwrite=True)
+    inputs = Path(out_dir) / "input"
+    inputs.mkdir(parents=True, exist_ok=True)
+    img_path, mask_path, cat_path = inputs / f"{STEM}.fits", inputs / "ztf_sim_mskimg.fits", inputs / "catalog.csv"
+    header = fits.Header({"GAIN": GAIN, "READNOI": READ_NOISE, "SATURATE": SATURATION, "MAGZP": ZEROPOINT})
+    fits.PrimaryHDU(image.astype(np.float32), header).writeto(img_path, overwrite=True)
     fits.PrimaryHDU(mask).writeto(mask_path, overwrite=True)
-
-    x_cat, y_cat = x + rng.normal(0, 0.1, n), y + rng.normal(0, 0.1, n)
-    cat = Table({"x_init": x_cat, "y_init": y_cat})
-    origins = stamp_origins(cat, STAMP)
-    stamps = cut_stamps(image.astype(np.float32), origins, STAMP)
-    bad = cut_stamps((mask != 0).astype(float), origins, STAMP) > 0
-    t0 = time.perf_counter()
-    fit = fit_stamps(stamps, model="moffat", mask=bad, gain=GAIN, read_noise=READ_NOISE, saturation=50000.0,
-                     origin=origins, x_init=x_cat, y_init=y_cat, return_history=True)
-    seconds = time.perf_counter() - t0
-    table = Table({"id": np.arange(1000, 1000 + n), "ra": 10 + x / 3600, "dec": 20 + y / 3600, "mag": mag})
-    for c in fit.colnames:
-        table[c] = fit[c]
-    table.meta["loss_history"] = fit.meta["loss_history"]
-    meta = {
-        "version": "0.1.0", "image": str(img_path.resolve()), "mask": str(mask_path.resolve()),
-        "model": fit.meta["model"], "integration": fit.meta["integration"], "method": fit.meta["method"],
-        "stamp_size": STAMP, "gain": GAIN, "read_noise": READ_NOISE, "saturation": 50000.0,
-        "zeropoint": ZEROPOINT, "pixel_scale": 1.01, "image_shape": list(IMAGE_SHAPE),
-        "options": {"max_iter": 30}, "units": {"x": "pix", "y": "pix", "flux": "adu"},
-    }
-    flags = np.asarray(table["flags"])
-    good = (flags & int(BAD)) == 0
-    summary = {
-        "image": meta["image"], "stem": STEM, "status": "ok", "error": None,
-        "counts": {"catalogue": n + 5, "in image": n + 2, "isolated": n + 1, "magnitude": n, "fitted": n},
-        "n_fitted": int(good.sum()), "n_converged": int((good & ((flags & Flag.NOT_CONVERGED) == 0)).sum()),
-        "n_flagged": int((flags != 0).sum()), "fwhm_median_px": float(np.median(table["fwhm"][good])),
-        "fwhm_median_arcsec": float(np.median(table["fwhm"][good]) * 1.01),
-        "alpha_median": float(np.median(table["alpha"][good])),
-        "timings": {"read": 0.12, "select": 0.03, "fit": seconds}, "model": "moffat", "method": "lm",
-        "outputs": {"stars": f"{STEM}.stars.parquet"},
-    }
-    paths = write_results(table, meta, summary, out_dir, STEM)
+    # the catalogue: 0-based x, y with 0.1 px errors, and the magnitudes
+    Table({"id": np.arange(1000, 1000 + n), "x": x + rng.normal(0, 0.1, n), "y": y + rng.normal(0, 0.1, n), "mag": mag}).write(cat_path)
+    code = main(["-q", "fit", str(img_path), "--catalog", str(cat_path), "--mask", str(mask_path), "--out", str(out_dir),
+                 "--isolation-px", "20", "--pixel-scale", "1.01", "--history", "--overwrite",
+                 # header noise: the figures recompute sigma from the metadata's gain and read noise,
+                 # while 'measured' noise uses a per-star effective read noise the table lacks
+                 "--noise", "header"])
+    assert code == 0, f"ztfpsf fit failed with exit code {code}"
+    paths = output_paths(out_dir, STEM)
     truth = {"x": x, "y": y, "flux": flux, "fwhm": true_fwhm(x, y), "alpha": true_alpha(x, y), "mag": mag}
     return SimpleNamespace(out_dir=Path(out_dir), paths=paths, image=image, image_path=img_path, truth=truth,
                            dead=dead, stem=STEM)

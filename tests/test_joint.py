@@ -93,8 +93,11 @@ def test_varying_fwhm_map(varying_case):
     assert np.sqrt(np.mean(rel**2)) < 0.004  # what it achieves (0.1-0.2 %)
     rel_a = psf.alpha(x, y) / truth["alpha"][measured] - 1
     assert np.sqrt(np.mean(rel_a**2)) < 0.01
-    # the table's shape columns are the PSF at each star
-    np.testing.assert_allclose(table["fwhm"][measured], psf.fwhm(table["x"][measured], table["y"][measured]), rtol=1e-9)
+    # the table's shape columns are the PSF at each star: against the truth there
+    # (measured: 0.11 % rms for fwhm, 0.22 % for alpha)
+    for name in ("fwhm", "alpha"):
+        rel = table[name][measured] / truth[name][measured] - 1
+        assert np.sqrt(np.mean(rel**2)) < 0.004, name
     assert np.all(table["fwhm_err"][measured] > 0) and np.all(table["fwhm_err"][measured] < 0.01)
     assert psf.mode == "varying" and psf.degree == 2 and psf.bounds == (-0.5, NX - 0.5, -0.5, NY - 0.5)
 

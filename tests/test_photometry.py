@@ -40,6 +40,12 @@ def render(psf, x, y, flux, seed=0):
     return noisy.astype(np.float32)
 
 
+def moffat_within(fwhm, alpha, radius):
+    """Closed-form fraction of a Moffat's flux within ``radius``: 1 - (1 + r^2/gamma^2)^(1 - alpha)."""
+    gamma2 = fwhm**2 / (4.0 * (2.0 ** (1.0 / alpha) - 1.0))
+    return 1.0 - (1.0 + radius**2 / gamma2) ** (1.0 - alpha)
+
+
 def cramer_rao(x, y, flux, psf):
     """sigma of (flux, x, y, background) from the Fisher matrix of the true model and noise
     (derivatives of the 4x4 Gauss-Legendre integrated profile: as exact, cheaper to compile)."""
@@ -66,13 +72,16 @@ def scene():
     y = gy.ravel() + rng.uniform(-0.5, 0.5, gx.size)
     mag = rng.uniform(14.0, 20.0, x.size)
     flux = mag_to_flux(mag, ZP)
-    image = render(TRUE_PSF, x, y, flux)
+    image = render(TRUE_PSF, x, y, flux)  # total fluxes
     # positions: the stars, 40 empty-sky points between them, and positions that cannot be measured
     sky = np.stack([gx.ravel()[:40] + 15.0, gy.ravel()[:40] + 15.0], axis=1)
     pos = Table({"id": np.arange(x.size + 40 + len(BAD_POSITIONS)),
                  "x": np.concatenate([x, sky[:, 0], BAD_POSITIONS[:, 0]]),
                  "y": np.concatenate([y, sky[:, 1], BAD_POSITIONS[:, 1]])})
-    return dict(x=x, y=y, flux=flux, image=image, positions=pos, n=x.size)
+    s = TRUE_PSF.shape(x, y)
+    # photometry reports the flux within the PSF's flux radius (7 px), not the total
+    flux7 = flux * moffat_within(s["fwhm"], s["alpha"], TRUE_PSF.flux_radius)
+    return dict(x=x, y=y, flux=flux7, total_flux=flux, image=image, positions=pos, n=x.size)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +106,9 @@ def test_forced_flux_bias_and_pulls(scene, forced):
     assert abs(np.median(pull)) < 0.1
     np.testing.assert_array_equal(t["x"], scene["x"])  # held fixed
     assert np.all(t["x_err"] == 0)
-    np.testing.assert_allclose(t["fwhm"], TRUE_PSF.fwhm(scene["x"], scene["y"]))
+    # the PSF's fwhm at each star: the truth's formula, log fwhm linear in the normalised x, y
+    xn, yn = 2 * (scene["x"] + 0.5) / NX - 1, 2 * (scene["y"] + 0.5) / NY - 1
+    np.testing.assert_allclose(t["fwhm"], 2.2 * np.exp(0.06 * xn - 0.04 * yn), rtol=1e-9)
     assert forced.meta["fit_position"] is False and forced.meta["zeropoint"] == ZP
 
 
@@ -105,7 +116,7 @@ def test_fit_position_near_cramer_rao(scene, free_position):
     n = scene["n"]
     t = free_position[:n]
     assert np.all(t["flags"] == 0)
-    crb = cramer_rao(scene["x"], scene["y"], scene["flux"], TRUE_PSF)
+    crb = cramer_rao(scene["x"], scene["y"], scene["total_flux"], TRUE_PSF)
     for k, name in ((1, "x"), (2, "y")):
         z = (t[name] - scene[name]) / crb[:, k]
         assert np.std(z) < 1.15  # acceptance: within 1.15x the Cramer-Rao bound
@@ -119,7 +130,7 @@ def test_fit_position_near_cramer_rao(scene, free_position):
 def test_unmeasurable_positions_are_flagged_rows(scene, forced, free_position):
     for t in (forced, free_position):
         bad = t[-len(BAD_POSITIONS):]
-        assert np.all(bad["flags"] == int(Flag.OFF_IMAGE))
+        assert np.all(bad["flags"] == int(Flag.OFF_IMAGE)), bad["flags"]
         assert np.all(np.isnan(bad["flux"])) and np.all(np.isnan(bad["mag"]))
         assert list(bad["id"]) == list(scene["positions"]["id"][-len(BAD_POSITIONS):])
     # outside the PSF's region of validity (a PSF fitted on part of the image): flagged too
@@ -127,7 +138,8 @@ def test_unmeasurable_positions_are_flagged_rows(scene, forced, free_position):
     t = photometry(scene["image"], part, scene["positions"][: scene["n"]], gain=GAIN, read_noise=RN)
     beyond = scene["x"] > 899.5
     assert beyond.sum() > 300
-    assert np.all(t["flags"][beyond] == int(Flag.OFF_IMAGE)) and np.all(np.isnan(t["flux"][beyond]))
+    # its own bit, not OFF_IMAGE: the stamp is on the image, the PSF is not known there
+    assert np.all(t["flags"][beyond] == int(Flag.OUTSIDE_PSF)) and np.all(np.isnan(t["flux"][beyond]))
     assert np.all(t["flags"][~beyond] == 0) and np.all(np.isfinite(t["flux"][~beyond]))
 
 
@@ -194,3 +206,67 @@ def test_cli(scene, forced, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "img.psf.fits" in err and "version 7" in err and "Traceback" not in err
     assert main(["photometry", str(img), "--psf", str(tmp_path / "none.psf.fits"), "--positions", str(cat)]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# blends: a crowded simulated image (the issue's 1024x1024 case)
+# --------------------------------------------------------------------------------------
+CROWD_N = 1024
+CROWD_SHAPE = dict(fwhm=2.2, alpha=2.8, e1=0.03, e2=-0.02)
+
+
+@pytest.fixture(scope="module")
+def crowded():
+    """2,000 stars of mag 12-21 on 1024x1024 px (a ZTF quadrant's density), the true PSF,
+    forced photometry at the true positions of the 14-20 mag stars; the simulator's
+    Gaia-like catalogue (ra, dec, mag of every star) as the neighbours."""
+    from astropy.wcs import WCS as _WCS
+
+    from ztfpsf.simulate import VaryingPSF, make_quadrant
+
+    q = make_quadrant(seed=5, size=(CROWD_N, CROWD_N), nstars=2000, psf=VaryingPSF(**CROWD_SHAPE, size=(CROWD_N, CROWD_N)),
+                      mask=False, sky=150.0)
+    tr = q.truth
+    inner = (tr["x"] > 9) & (tr["x"] < CROWD_N - 10) & (tr["y"] > 9) & (tr["y"] < CROWD_N - 10)
+    pos = tr[(tr["mag"] >= 14) & (tr["mag"] <= 20) & inner]["id", "x", "y", "flux"]
+    psf = PSFModel.constant("elliptical_moffat", CROWD_SHAPE, (-0.5, CROWD_N - 0.5, -0.5, CROWD_N - 0.5), image_shape=(CROWD_N, CROWD_N))
+    kw = dict(gain=q.header["GAIN"], read_noise=q.header["READNOI"], saturation=q.header["SATURATE"], zeropoint=q.header["MAGZP"])
+    alone = photometry(q.data, psf, pos["id", "x", "y"], **kw)
+    with_cat = photometry(q.data, psf, pos["id", "x", "y"], neighbours=q.catalog, wcs=_WCS(q.header), **kw)
+    expected = pos["flux"] * psf.enclosed(pos["x"], pos["y"])  # the PSF's flux scale
+    return q, pos, psf, expected, alone, with_cat
+
+
+def test_blends_are_flagged(crowded):
+    q, pos, psf, expected, alone, t = crowded
+    flags = np.asarray(t["flags"])
+    pull = (t["flux"] - expected) / t["flux_err"]
+    # the issue: every row had flags == 0 while 22 % were off by > 5 sigma (pull std 67)
+    assert len(t) > 1000 and np.mean(np.abs(pull) > 5) > 0.15
+    clean = flags == 0
+    assert 0.9 < np.std(pull[clean]) < 1.15  # measured: 1.06
+    assert abs(np.median(pull[clean])) < 0.15
+    assert clean.mean() > 0.4  # measured: 54 % (2,000 stars on 1024^2 px: most stamps hold a neighbour)
+    # every gross error is flagged, as a poor fit or a blend (values kept)
+    assert np.all(flags[np.abs(pull) > 5] & int(Flag.POOR_FIT | Flag.BLENDED))
+    assert np.all(np.isfinite(t["flux"][~clean]))
+    # without the catalogue, chi2 and the residual still catch all but a few neighbours
+    # within ~1 px (merged with the star; measured: 3 rows of 643 beyond 5 sigma)
+    pull_alone = (alone["flux"] - expected) / alone["flux_err"]
+    clean_alone = np.asarray(alone["flags"]) == 0
+    assert np.sum(np.abs(pull_alone[clean_alone]) > 5) <= 0.01 * clean_alone.sum()
+    assert np.median(np.abs(pull_alone[clean_alone])) < 0.8
+
+
+def test_isolated_stars_are_not_called_blends(scene, forced):
+    """The false-alarm side: isolated stars of the same magnitudes get neither bit."""
+    t = forced[: scene["n"]]
+    assert not np.any(np.asarray(t["flags"]) & int(Flag.POOR_FIT | Flag.BLENDED))
+    # a star 3 px from another of the list, 10x brighter: flagged by the catalogue of positions
+    pos = Table({"x": [scene["x"][0], scene["x"][0] + 3.0], "y": [scene["y"][0], scene["y"][0]]})
+    img = scene["image"].copy()
+    img += render(TRUE_PSF, np.array([scene["x"][0] + 3.0]), np.array([scene["y"][0]]), np.array([10 * scene["flux"][0]]), seed=3) - SKY
+    t2 = photometry(img, TRUE_PSF, pos, gain=GAIN, read_noise=RN)
+    assert t2["flags"][0] & int(Flag.BLENDED)
+    with pytest.raises(ValueError, match="neighbours need a flux column"):
+        photometry(img, TRUE_PSF, pos, gain=GAIN, read_noise=RN, neighbours=Table({"x": [1.0], "y": [2.0]}))

@@ -389,5 +389,28 @@ def test_cli_plot(tmp_path, sim_run, capsys):
     assert "not a benchmark timings file" in capsys.readouterr().err
 
 
-def test_figure_sizes_are_fixed():
-    assert pixel_size("star") == (1600, 340) and all(w > 0 and h > 0 for w, h in FIGSIZE.values())
+def test_figure_sizes_are_fixed(tmp_path, run):
+    """A figure's pixel size does not depend on what it holds (no 'tight' bounding box, no
+    layout that grows): a typical star, the star without values, and one whose id, values
+    and flags make very long labels all give FIGSIZE x 100 dpi; so do maps without and
+    with a PSF model, and a loss figure of one star or all."""
+    expect = {kind: (int(round(w * 100)), int(round(h * 100))) for kind, (w, h) in FIGSIZE.items()}
+    assert expect["star"] == (1600, 340) and all(pixel_size(kind) == size for kind, size in expect.items())
+    t = run.table
+    typical, empty = compute_stars(t, run.image, [0, len(t) - 1], mask=run.mask)
+    loud = dict(typical, id="x" * 120, flags=int(sum(Flag)), reason="chosen")
+    loud["params"] = dict(typical["params"], flux=1.234567e12, x=-123456.789)
+    for key in ("data", "model", "residual"):
+        loud[key] = typical[key] * 1e9 - 5e12
+    drawn = []
+    for i, star in enumerate((typical, empty, loud)):
+        plot_star(star, tmp_path / f"star{i}.png")
+        drawn.append((tmp_path / f"star{i}.png", "star"))
+    plot_maps(compute_maps(t), tmp_path / "maps.png")
+    plot_maps(compute_maps(t, StandInPSF(), grid=5), tmp_path / "maps_model.png")
+    drawn += [(tmp_path / "maps.png", "maps"), (tmp_path / "maps_model.png", "maps_model")]
+    for k, hist in enumerate((run.history[:1], run.history)):
+        plot_loss(compute_loss({"lm": hist}), tmp_path / f"loss{k}.png")
+        drawn.append((tmp_path / f"loss{k}.png", "loss"))
+    for path, kind in drawn:
+        assert png_size(path) == expect[kind], (path.name, png_size(path))

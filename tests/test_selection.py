@@ -8,7 +8,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from ztfpsf.detect import detect_stars, estimate_background, half_light_radius
+from ztfpsf.detect import METHODS, detect_stars, estimate_background, half_light_radius
 from ztfpsf.io.fits import read_exposure
 from ztfpsf.selection import SELECTION_COLUMNS, EmptySelectionWarning, select_stars
 from ztfpsf.stamps import cut_stamps, noise_model
@@ -212,20 +212,37 @@ def test_cut_stamps_off_image_and_nan(ramp):
         cut_stamps(ramp, [10.0, 11.0], [10.0], size=5)
 
 
-def test_noise_model_choices(exposure):
+def test_noise_model_choices(exposure, caplog):
     bkg = estimate_background(exposure)
-    st = cut_stamps(exposure, [60.0], [60.0], 17, background=bkg)
-    assert st.sky[0] == pytest.approx(SKY, abs=2.0)
-    kwargs, desc = noise_model(exposure, st, bkg)  # no gain: the sky variance
-    np.testing.assert_allclose(kwargs["variance"], NOISE**2, rtol=0.2)
-    assert "no source Poisson noise" in desc
-    exp = read_exposure(exposure.path, gain=4.0, read_noise=7.0)
-    assert noise_model(exp, st, bkg)[0] == {"gain": 4.0, "read_noise": 7.0}
-    # gain without read noise: the sky rms fixes an effective one: rms^2 = sky/gain + (rn/gain)^2
+    st = cut_stamps(exposure, [60.0, 120.2, np.nan], [60.0, 100.7, 5.0], 17, background=bkg)
+    assert st.sky[0] == pytest.approx(SKY, abs=2.0) and np.isnan(st.sky[2])
+    kwargs, info = noise_model(exposure, st, bkg)  # no gain: the sky variance
+    np.testing.assert_allclose(kwargs["variance"][:2], NOISE**2, rtol=0.2)
+    assert info["model"] == "sky variance" and "no source Poisson noise" in info["description"]
+    assert info["sky_rms_measured"] == pytest.approx(NOISE, rel=0.05) and info["rms_ratio"] is None
+    # the scene's sky noise is 5 ADU, but gain 10 and read noise 7 predict sqrt(100/10 + 0.7^2) = 3.24
+    exp = read_exposure(exposure.path, gain=10.0, read_noise=7.0)
+    kwargs, info = noise_model(exp, st, bkg)  # measured (default): the sky rms at each star
+    assert info["model"] == "measured" and set(kwargs) == {"gain", "read_noise"}
+    rn, c = kwargs["read_noise"], 8
+    np.testing.assert_allclose(st.sky[:2] / 10.0 + (rn[:2] / 10.0) ** 2, st.sky_rms[:2, c, c] ** 2, rtol=1e-5)
+    assert rn[2] == pytest.approx(np.median(rn[:2]))  # off the image: the others' median
+    assert info["sky_rms_header"] == pytest.approx(np.sqrt(SKY / 10.0 + 0.49), rel=0.01)
+    assert info["rms_ratio"] == pytest.approx(NOISE / np.sqrt(SKY / 10.0 + 0.49), rel=0.05)
+    kwargs, info = noise_model(exp, st, bkg, mode="header")
+    assert kwargs == {"gain": 10.0, "read_noise": 7.0} and info["model"] == "header"
+    # gain without read noise, header mode: one effective value: rms^2 = sky/gain + (rn/gain)^2
     exp = read_exposure(exposure.path, gain=10.0)
-    kwargs, _ = noise_model(exp, st, bkg)
+    kwargs, info = noise_model(exp, st, bkg, mode="header")
     expected = 10.0 * np.sqrt(bkg.median_rms**2 - bkg.median_level / 10.0)  # ~10 sqrt(25 - 10)
     assert kwargs["read_noise"] == pytest.approx(expected) and kwargs["read_noise"] > 0
+    assert info["rms_ratio"] is None
+    # a gain too small for the sky's scatter (sky/gain = 50 > 25): read noise 0, said in the log
+    with caplog.at_level("WARNING", logger="ztfpsf.stamps"):
+        kwargs, _ = noise_model(read_exposure(exposure.path, gain=2.0), st, bkg)
+    assert np.all(kwargs["read_noise"] == 0.0) and "below the Poisson noise" in caplog.text
+    with pytest.raises(ValueError, match="noise mode"):
+        noise_model(exp, st, bkg, mode="sky")
     with pytest.raises(ValueError, match="background"):
         noise_model(exposure, cut_stamps(exposure, [60.0], [60.0], 17))
 
@@ -233,8 +250,10 @@ def test_noise_model_choices(exposure):
 # --------------------------------------------------------------------------------------
 # detection
 # --------------------------------------------------------------------------------------
-def test_detect_finds_stars_and_tells_them_apart(scene, exposure):
-    det = detect_stars(exposure)
+@pytest.mark.parametrize("method", METHODS)
+def test_detect_finds_stars_and_tells_them_apart(scene, exposure, method):
+    det = detect_stars(exposure, method=method)
+    assert det.meta["background"]["method"].startswith(method)
     assert det.meta["mag_kind"] == "instrumental"
     # bright stars on the image, but K (a masked pixel in its core) and L (saturated)
     bright = [n for n, v in SOURCES.items() if np.isfinite(v[2]) and v[2] <= 17.5 and 0 <= v[0] < NX and n not in ("K", "L")]

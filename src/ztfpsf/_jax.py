@@ -1,10 +1,21 @@
-"""JAX set-up done once at import: float64 available, all CPU cores as host devices,
-and a persistent compilation cache so that a second run starts in about a second.
+"""JAX set-up. Importing ztfpsf changes nothing in JAX; two things are offered instead:
+
+:func:`configure` (public as ``ztfpsf.configure()``) is the process-wide set-up that
+ztfpsf's own entry points call (the ``ztfpsf`` command, its Dask workers, the benchmarks):
+float64 enabled, all usable cores as CPU host devices, and a persistent compilation
+cache so that a second run starts in about a second. A host application may call it too;
+otherwise its JAX stays as it set it.
+
+:func:`with_x64` makes a library entry point correct whatever the host chose: it runs
+the call with JAX's float64 enabled (``jax.enable_x64``, thread-local, restored on
+return), so ``dtype="float64"`` fits and the float64 sums of the joint PSF fit are float64
+in a process where x64 is off.
 
 Environment: ``ZTFPSF_CPU_DEVICES`` (host devices; default: the usable cores),
 ``ZTFPSF_CACHE_DIR`` (compilation cache; ``off`` disables it).
 """
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -12,6 +23,8 @@ from pathlib import Path
 import jax
 
 log = logging.getLogger(__name__)
+
+__all__ = ["configure", "with_x64"]
 
 
 def _usable_cores():
@@ -22,10 +35,16 @@ def _usable_cores():
 
 
 def configure():
+    """Set up JAX in this process for ztfpsf: float64, CPU devices, compilation cache.
+
+    Call it before the first JAX computation (the number of CPU devices cannot change
+    after JAX started; then the caller's is kept). Calling it again is harmless.
+    """
     jax.config.update("jax_enable_x64", True)
     n = int(os.environ.get("ZTFPSF_CPU_DEVICES", _usable_cores()))
     try:
-        jax.config.update("jax_num_cpu_devices", max(1, n))
+        if jax.config.jax_num_cpu_devices != max(1, n):
+            jax.config.update("jax_num_cpu_devices", max(1, n))
     except Exception as err:  # backends already initialised by the caller: keep theirs
         log.debug("could not set jax_num_cpu_devices: %s", err)
     cache = os.environ.get("ZTFPSF_CACHE_DIR", str(Path.home() / ".cache" / "ztfpsf" / "jax"))
@@ -33,3 +52,14 @@ def configure():
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def with_x64(func):
+    """Decorator: run ``func`` with JAX's float64 enabled (thread-local, restored after)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with jax.enable_x64(True):
+            return func(*args, **kwargs)
+
+    return wrapper

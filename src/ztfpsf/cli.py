@@ -11,6 +11,7 @@ import logging
 import sys
 
 from . import __version__
+from ._jax import configure
 
 COMMANDS = ("demo", "simulate", "fit", "photometry", "alert", "plot", "report")
 
@@ -50,6 +51,7 @@ def main(argv=None):
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    configure()  # the command owns its process: float64, all cores, compilation cache
     try:
         return int(args._run(args) or 0)
     except UserError as err:

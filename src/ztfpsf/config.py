@@ -4,7 +4,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .io.ztf import DEFAULT_BAD_BITS
 
-__all__ = ["FitConfig"]
+__all__ = ["FitConfig", "HYBRID_MIN_STARS"]
+
+#: ``psf_model='auto'`` fits the hybrid PSF from this many selected stars on: its residual
+#: surface has ~1,000 nodes, which fewer stars would leave to the priors.
+HYBRID_MIN_STARS = 50
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,11 @@ class FitConfig:
     ``pixel_scale`` arcsec/px). Selection: ``mag_range``, ``isolation`` (arcsec) or
     ``isolation_px``, ``edge`` and ``stamp`` (px), ``core_radius`` (px), ``min_snr``.
     Fit: ``model``, ``method``, ``dtype``, ``backend``, ``psf`` ('independent', 'shared',
-    'varying'), ``degree``, ``reserve``. Output: ``overwrite``, ``history``, ``report``.
+    'varying'), ``degree``, ``psf_model`` (with a shared or varying PSF: 'analytic', 'hybrid'
+    (analytic + pixel residual surface, :mod:`ztfpsf.psf.residual`) or 'auto': hybrid when
+    at least ``HYBRID_MIN_STARS`` stars were selected), ``reserve``, ``noise`` ('measured': sky variance from the
+    measured background rms; 'header': gain and read noise only; see
+    :func:`ztfpsf.stamps.noise_model`). Output: ``overwrite``, ``history``, ``report``.
     """
 
     catalog: str | None = None
@@ -45,8 +53,10 @@ class FitConfig:
     backend: str = "auto"
     psf: str = "independent"
     degree: int = 2
+    psf_model: str = "auto"
     reserve: float = 0.1
     seed: int = 0
+    noise: str = "measured"
     overwrite: bool = False
     history: bool = False
     report: bool = False
@@ -55,6 +65,10 @@ class FitConfig:
     def __post_init__(self):
         if self.psf not in ("independent", "shared", "varying"):
             raise ValueError(f"psf must be 'independent', 'shared' or 'varying'; got {self.psf!r}")
+        if self.psf_model not in ("auto", "analytic", "hybrid"):
+            raise ValueError(f"psf_model must be 'auto', 'analytic' or 'hybrid'; got {self.psf_model!r}")
+        if self.noise not in ("measured", "header"):
+            raise ValueError(f"noise must be 'measured' or 'header'; got {self.noise!r}")
         if self.stamp < 5 or self.stamp % 2 == 0:
             raise ValueError(f"stamp must be an odd number of pixels >= 5; got {self.stamp}")
         lo, hi = self.mag_range

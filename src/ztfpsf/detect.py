@@ -1,17 +1,25 @@
 """Star detection for images without a catalogue, and the sky background estimate.
 
-Why photutils image segmentation (``detect_sources`` + ``SourceCatalog``), not
-``DAOStarFinder``/``IRAFStarFinder`` or ``sep``:
+Detection thresholds a matched-filtered image (a Gaussian of the seeing FWHM), as
+SExtractor does, not ``DAOStarFinder``/``IRAFStarFinder``:
 
 * The detections also serve as the *isolation* catalogue, which must list every source
   that can put light into a stamp: faint ones, galaxies, blends and saturated stars
-  included. Segmentation (thresholding a matched-filtered image, as SExtractor does)
-  finds all of them; the star finders look for round peaks of one given FWHM and drop
-  the rest by design.
-* It needs no FWHM in advance (the filter width matters little), which suits images of
-  unknown seeing (ZTF 1.5-4 px, photographic plates 3-6 px).
-* photutils is already a dependency; ``sep`` (faster) would be another compiled package.
-  Segmentation of a full ZTF quadrant takes a few seconds, small next to reading it.
+  included. Segmentation finds all of them; the star finders look for round peaks of one
+  given FWHM and drop the rest by design.
+* It needs no exact FWHM in advance (the filter width matters little), which suits
+  images of unknown seeing (ZTF 1.5-4 px, photographic plates 3-6 px).
+
+Two implementations of the same detection (``method=``): ``sep`` (default), SExtractor's
+C code as a library, which also deblends (a faint neighbour touching a star is a separate
+source, so the star fails the isolation cut); and ``photutils`` segmentation
+(``detect_sources`` + ``SourceCatalog``, no deblending), kept as a pure-Python peer.
+On the real ZTF quadrant (3072x3080; ``benchmarks/bench_pipeline.py --detection``, CPU
+time on a shared 2-core Xeon) sep takes 0.21 s for the background and 0.56 s for the
+detection, photutils 2.05 s and 1.55 s (4.7x in all). Backgrounds agree to 0.002 rms
+(median), positions of bright sources to 1e-5 px; sep finds 9872 sources against 9137
+(deblended neighbours; 97 % of photutils' sources are within 1 px of one of sep's), and
+829 stars survive the selection against 848, 828 of them the same.
 
 Stars are then told apart from the rest by size: ``r50``, the radius holding half of the
 flux within a fixed aperture (like SExtractor's ``FLUX_RADIUS``, which uses the Kron
@@ -20,9 +28,6 @@ unsaturated point source, larger for galaxies, blends and saturated (flat-topped
 smaller for cosmic rays and hot pixels. The stellar locus ``r50_star`` is the densest
 narrow range of ``r50`` among bright detections; ``stellar`` marks sources within
 ``size_tolerance`` of it and rounder than ``max_elongation``.
-
-Cost on a 3072x3080 ZTF-like quadrant (2 CPU cores): background ~5 s, detection and
-measurement ~5 s for ~8000 sources.
 """
 
 import logging
@@ -34,7 +39,14 @@ from astropy.table import Table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Background", "estimate_background", "detect_stars", "half_light_radius"]
+__all__ = ["Background", "estimate_background", "detect_stars", "half_light_radius", "METHODS"]
+
+#: Detection and background implementations (``method=`` of both functions).
+METHODS = ("sep", "photutils")
+
+# sep's work buffers (SExtractor's defaults are 300000 pixels and 1024 sub-objects): raised
+# on demand when an image (a large nebula, a crowded field) overflows them
+_SEP_PIXSTACK, _SEP_SUBOBJECTS, _SEP_GROWTH, _SEP_TRIES = 1_000_000, 4096, 4, 3
 
 
 @dataclass
@@ -57,38 +69,75 @@ def _box_size(shape):
     return int(np.clip(min(shape) // 8, 16, 64))
 
 
-def estimate_background(exposure, *, box_size=None, filter_size=3, sigma=3.0):
-    """Sky level and rms: photutils ``Background2D`` (sigma-clipped SExtractor-style mode
-    in boxes of ``box_size`` px, median-filtered over ``filter_size`` boxes). Masked and
-    saturated pixels are ignored. Crowded boxes (Galactic plane) are kept as long as half
-    of their pixels survive the clipping; if no box does, a global sigma-clipped
-    median/std is used (``method`` says so)."""
-    from astropy.stats import SigmaClip, sigma_clipped_stats
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+
+
+def _usable_median(values, good):
+    """Median over usable pixels, on a 1-in-16 subsample (the maps are smooth)."""
+    sub = values[::4, ::4][good[::4, ::4]]
+    return float(np.median(sub if sub.size else values[good]))
+
+
+def estimate_background(exposure, *, box_size=None, filter_size=3, sigma=3.0, method="sep"):
+    """Sky level and rms in boxes of ``box_size`` px, median-filtered over ``filter_size``
+    boxes and interpolated: SExtractor's estimate (3-sigma-clipped mode and std), by ``sep``
+    (default, ~0.2 s on a ZTF quadrant) or photutils ``Background2D`` (``method=
+    'photutils'``, ~3 s; ``sigma`` is its clipping). Masked and saturated pixels are
+    ignored. photutils keeps crowded boxes (Galactic plane) as long as half of their pixels
+    survive the clipping. If no box is usable, a global sigma-clipped median/std is used
+    (``method`` of the result says so)."""
+    _check_method(method)
+    data = exposure.data
+    good = ~(exposure.mask | exposure.saturated)
+    box = int(box_size or _box_size(data.shape))
+    found = None
+    if good.any():
+        found = (_sep_background if method == "sep" else _photutils_background)(data, good, box, filter_size, sigma)
+    if found is not None:
+        level, rms, how = found
+        return Background(level, rms, _usable_median(level, good), _usable_median(rms, good), how)
+    return _global_background(exposure, good, sigma)
+
+
+def _sep_background(data, good, box, filter_size, sigma):
+    import sep
+
+    filled = np.ascontiguousarray(np.where(good, data, 0.0), dtype=np.float32)
+    bkg = sep.Background(filled, mask=~good, bw=box, bh=box, fw=filter_size, fh=filter_size)
+    level, rms = bkg.back(), bkg.rms()
+    if np.isfinite(bkg.globalrms) and bkg.globalrms > 0 and np.all(np.isfinite(level)) and np.all(np.isfinite(rms)):
+        return level, rms, f"sep Background, {box} px boxes, SExtractor clipped mode and std"
+    return None
+
+
+def _photutils_background(data, good, box, filter_size, sigma):
+    from astropy.stats import SigmaClip
     from photutils.background import Background2D, SExtractorBackground, StdBackgroundRMS
 
-    data = exposure.data
-    bad = exposure.mask | exposure.saturated
-    good = ~bad
-    box = int(box_size or _box_size(data.shape))
     filled = np.where(good, data, 0.0)
     clip = SigmaClip(sigma=sigma, maxiters=10)
-    if good.any():
-        for exclude in (10.0, 50.0, 80.0):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    bkg = Background2D(
-                        filled, box, mask=bad, filter_size=filter_size, sigma_clip=clip, exclude_percentile=exclude,
-                        bkg_estimator=SExtractorBackground(), bkg_rms_estimator=StdBackgroundRMS(),
-                    )  # fmt: skip
-            except ValueError:
-                continue
-            level, rms = np.asarray(bkg.background), np.asarray(bkg.background_rms)
-            if np.all(np.isfinite(level)) and np.all(np.isfinite(rms)):
-                return Background(
-                    level, rms, float(np.median(level[good])), float(np.median(rms[good])),
-                    f"photutils Background2D, {box} px boxes, sigma-clipped SExtractor mode",
+    for exclude in (10.0, 50.0, 80.0):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bkg = Background2D(
+                    filled, box, mask=~good, filter_size=filter_size, sigma_clip=clip, exclude_percentile=exclude,
+                    bkg_estimator=SExtractorBackground(), bkg_rms_estimator=StdBackgroundRMS(),
                 )  # fmt: skip
+        except ValueError:
+            continue
+        level, rms = np.asarray(bkg.background), np.asarray(bkg.background_rms)
+        if np.all(np.isfinite(level)) and np.all(np.isfinite(rms)):
+            return level, rms, f"photutils Background2D, {box} px boxes, sigma-clipped SExtractor mode"
+    return None
+
+
+def _global_background(exposure, good, sigma):
+    from astropy.stats import sigma_clipped_stats
+
+    data = exposure.data
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, med, std = sigma_clipped_stats(data[good] if good.any() else np.zeros(1), sigma=sigma)
@@ -172,6 +221,7 @@ def detect_stars(
     size_snr=10.0,
     size_tolerance=0.25,
     max_elongation=1.5,
+    method="sep",
 ):
     """Detect every source in the image and mark the star-like ones.
 
@@ -188,18 +238,25 @@ def detect_stars(
     n_pixels : int
         Minimum number of connected pixels above the threshold.
     background : Background, optional
-        From :func:`estimate_background` (computed when not given).
+        From :func:`estimate_background` (computed with the same ``method`` when not given).
     size_snr : float
         Sources with S/N at least this get a size ``r50`` and may be ``stellar``.
     size_tolerance, max_elongation : float
         ``stellar``: ``|r50 / r50_star - 1| <= size_tolerance`` and elongation (a/b)
         ``<= max_elongation``.
+    method : {'sep', 'photutils'}
+        ``sep``: SExtractor's extraction with deblending (32 levels, contrast 0.005), without
+        cleaning (it removes real faint neighbours of bright stars: on the ZTF cut, sources
+        of 11-14 sigma peaks 12-16 px from 14-15 mag stars, which then pass the isolation
+        cut); ``photutils``: ``detect_sources`` segmentation without deblending. Same
+        filter, threshold and outputs.
 
     Returns
     -------
     astropy.table.Table
-        One row per detection: ``id`` (0..N-1), ``x, y`` (0-based centroid), ``ra, dec``
-        (NaN without WCS), ``flux`` (background-subtracted segment flux), ``flux_err``,
+        One row per detection: ``id`` (0..N-1), ``x, y`` (0-based isophotal barycentre),
+        ``ra, dec`` (NaN without WCS), ``flux`` (background-subtracted segment flux),
+        ``flux_err`` (sky rms and, with a gain, the source's Poisson noise over the segment),
         ``snr``, ``mag`` (``zeropoint - 2.5 log10(flux)``, or ``-2.5 log10(flux)`` without a
         zero point: ``meta['mag_kind']`` is 'calibrated' or 'instrumental'), ``peak``
         (highest background-subtracted pixel), ``area`` [px], ``elongation``, ``r50`` [px]
@@ -207,12 +264,10 @@ def detect_stars(
         the segment). ``meta``: ``r50_star``, ``fwhm_estimate`` (2 r50_star [px], exact for
         a Gaussian), detection settings, ``background`` (median level and rms).
     """
-    from astropy.convolution import convolve
-    from photutils.segmentation import SourceCatalog, detect_sources, make_2dgaussian_kernel
-
+    _check_method(method)
     kfwhm, kwhy = _kernel_fwhm(exposure, fwhm)
     meta = {
-        "method": "photutils segmentation (detect_sources + SourceCatalog)",
+        "method": _DETECTION[method],
         "threshold": float(threshold),
         "n_pixels": int(n_pixels),
         "kernel_fwhm": kfwhm,
@@ -223,33 +278,22 @@ def detect_stars(
     if exposure.mask.all():
         log.warning("%s: every pixel is masked: nothing to detect", exposure.name)
         return _empty_detections(meta)
-    bkg = background if background is not None else estimate_background(exposure)
+    bkg = background if background is not None else estimate_background(exposure, method=method)
     meta["background"] = {"level": bkg.median_level, "rms": bkg.median_rms, "method": bkg.method}
-    size = int(2 * np.ceil(1.5 * kfwhm) + 1)
-    kernel = make_2dgaussian_kernel(kfwhm, size=size)
-    usable = ~exposure.mask
-    sub = np.where(usable, exposure.data - bkg.level, 0.0)
-    conv = convolve(sub, kernel, normalize_kernel=True, boundary="extend")
+    sub = np.where(exposure.mask, 0.0, exposure.data - bkg.level)
     rms = np.where(bkg.rms > 0, bkg.rms, np.inf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        segm = detect_sources(conv, threshold * rms, n_pixels, mask=exposure.mask)
-    if segm is None:
+    kernel = _gaussian_kernel(kfwhm)
+    found = _extract_sep(sub, rms, exposure, kernel, threshold, n_pixels) if method == "sep" else None
+    if method == "photutils" or found is False:
+        found = _extract_photutils(sub, rms, exposure, kernel, threshold, n_pixels)
+        meta["method"] = _DETECTION["photutils"]
+    if found is None:
         log.warning("%s: no source detected above %.1f sigma", exposure.name, threshold)
         return _empty_detections(meta)
-    error = bkg.rms
-    if exposure.gain:
-        error = np.sqrt(bkg.rms**2 + np.maximum(sub, 0.0) / exposure.gain)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cat = SourceCatalog(sub, segm, convolved_data=conv, error=error, mask=exposure.mask)
-        flux = np.asarray(cat.segment_flux, dtype=np.float64)
-        flux_err = np.asarray(cat.segment_fluxerr, dtype=np.float64)
-        x = np.asarray(cat.xcentroid, dtype=np.float64)
-        y = np.asarray(cat.ycentroid, dtype=np.float64)
-        peak = np.asarray(cat.max_value, dtype=np.float64)
-        area = np.asarray(cat.area.value, dtype=np.float64)
-        elong = np.asarray(cat.elongation.value, dtype=np.float64)
+    src, labels, label_of = found
+    x, y, flux, elong = src["x"], src["y"], src["flux"], src["elongation"]
+    sky_var, pos_sum, n_sat = _segment_sums(labels, label_of, rms, sub, exposure)
+    flux_err = np.sqrt(sky_var + (pos_sum / exposure.gain if exposure.gain else 0.0))
     n = len(flux)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(flux_err > 0, flux / flux_err, np.nan)
@@ -259,7 +303,6 @@ def detect_stars(
     sized = np.nonzero(snr >= size_snr)[0]
     if sized.size:
         r50[sized] = half_light_radius(sub, exposure.mask, x[sized], y[sized], aperture)
-    n_sat = np.bincount(segm.data[exposure.saturated], minlength=segm.max_label + 1)[np.asarray(cat.label)]
     r50_star = _stellar_locus(r50, _locus_sample(snr, r50, (n_sat == 0) & (elong <= max_elongation), size_snr, aperture))
     with np.errstate(invalid="ignore"):
         stellar = (np.abs(r50 / r50_star - 1.0) <= size_tolerance) & (elong <= max_elongation) & (n_sat == 0)
@@ -270,15 +313,100 @@ def detect_stars(
     t["ra"], t["dec"] = _sky(exposure, x, y)
     t["flux"], t["flux_err"], t["snr"] = flux, flux_err, snr
     t["mag"] = inst + (exposure.zeropoint or 0.0)
-    t["peak"], t["area"], t["elongation"] = peak, area, elong
+    t["peak"], t["area"], t["elongation"] = src["peak"], src["area"], elong
     t["r50"], t["stellar"], t["n_saturated"] = r50, stellar, n_sat.astype(np.int32)
     t.meta["r50_star"] = r50_star
     t.meta["fwhm_estimate"] = 2.0 * r50_star
     log.info(
-        "%s: %d sources above %.1f sigma (filter fwhm %.1f px, %s); %d star-like (r50 %.2f px, fwhm ~%.2f px)",
-        exposure.name, n, threshold, kfwhm, kwhy, int(stellar.sum()), r50_star, 2 * r50_star,
+        "%s: %d sources above %.1f sigma (%s, filter fwhm %.1f px, %s); %d star-like (r50 %.2f px, fwhm ~%.2f px)",
+        exposure.name, n, threshold, method, kfwhm, kwhy, int(stellar.sum()), r50_star, 2 * r50_star,
     )  # fmt: skip
     return t
+
+
+_DETECTION = {
+    "sep": "sep extract (SExtractor): Gaussian matched filter, deblending 32 levels / contrast 0.005, no cleaning",
+    "photutils": "photutils segmentation (detect_sources + SourceCatalog), Gaussian matched filter, no deblending",
+}
+
+
+def _gaussian_kernel(fwhm):
+    """Normalised circular Gaussian of ``fwhm`` px at pixel centres, out to 3 sigma (the
+    filter's cost grows with its area; the wings beyond hold < 1 % of it)."""
+    sigma = fwhm / 2.354820045
+    half = int(np.ceil(3.0 * sigma))
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    k = np.exp(-(xx**2 + yy**2) / (2.0 * sigma**2))
+    return (k / k.sum()).astype(np.float32)
+
+
+def _extract_sep(sub, rms, exposure, kernel, threshold, n_pixels):
+    """``(columns, labels, label_of)`` from sep, None when nothing is found, False when
+    sep's buffers overflow even after enlarging them (the caller falls back to photutils)."""
+    import sep
+
+    data = np.ascontiguousarray(sub, dtype=np.float32)
+    err = np.ascontiguousarray(np.minimum(rms, np.finfo(np.float32).max), dtype=np.float32)
+    pixstack, subobjects = _SEP_PIXSTACK, _SEP_SUBOBJECTS  # per call: one odd image does not enlarge them for good
+    for _ in range(_SEP_TRIES):
+        sep.set_extract_pixstack(pixstack)
+        sep.set_sub_object_limit(subobjects)
+        try:
+            obj, labels = sep.extract(
+                data, threshold, err=err, mask=exposure.mask, minarea=n_pixels, filter_kernel=kernel,
+                filter_type="conv", deblend_nthresh=32, deblend_cont=0.005, clean=False, segmentation_map=True,
+            )  # fmt: skip
+            break
+        except Exception as e:  # sep raises a bare Exception naming the full buffer
+            if "buffer full" not in str(e) and "overflow" not in str(e):
+                raise
+            log.info("%s: sep: %s; retrying with larger buffers", exposure.name, e)
+            pixstack, subobjects = pixstack * _SEP_GROWTH, subobjects * _SEP_GROWTH
+    else:
+        log.warning("%s: sep's buffers overflow (%d pixels, %d sub-objects): photutils detection used", exposure.name, pixstack, subobjects)
+        return False
+    if len(obj) == 0:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        elong = np.where(obj["b"] > 0, obj["a"] / obj["b"], np.inf)
+    cols = {
+        "x": obj["x"].astype(np.float64), "y": obj["y"].astype(np.float64), "flux": obj["flux"].astype(np.float64),
+        "peak": obj["peak"].astype(np.float64), "area": obj["npix"].astype(np.float64), "elongation": elong.astype(np.float64),
+    }  # fmt: skip
+    return cols, labels, np.arange(1, len(obj) + 1)
+
+
+def _extract_photutils(sub, rms, exposure, kernel, threshold, n_pixels):
+    """``(columns, labels, label_of)`` from photutils segmentation, None when nothing is found."""
+    from astropy.convolution import convolve
+    from photutils.segmentation import SourceCatalog, detect_sources
+
+    conv = convolve(sub, kernel, normalize_kernel=True, boundary="extend")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        segm = detect_sources(conv, threshold * rms, n_pixels, mask=exposure.mask)
+        if segm is None:
+            return None
+        cat = SourceCatalog(sub, segm, convolved_data=conv, mask=exposure.mask)
+        cols = {
+            "x": cat.xcentroid, "y": cat.ycentroid, "flux": cat.segment_flux, "peak": cat.max_value,
+            "area": cat.area.value, "elongation": cat.elongation.value,
+        }  # fmt: skip
+        cols = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+    return cols, segm.data, np.asarray(cat.label)
+
+
+def _segment_sums(labels, label_of, rms, sub, exposure):
+    """Per source (label ``label_of``): sum of rms**2 and of the positive pixels over its
+    usable segment pixels, and its number of saturated pixels."""
+    on = np.flatnonzero(labels)
+    lab = labels.ravel()[on]
+    size = int(label_of.max()) + 1 if len(label_of) else 1
+    usable = ~exposure.mask.ravel()[on]
+    sky_var = np.bincount(lab, weights=np.where(usable, rms.ravel()[on] ** 2, 0.0), minlength=size)
+    positive = np.bincount(lab, weights=np.where(usable, np.maximum(sub.ravel()[on], 0.0), 0.0), minlength=size)
+    n_sat = np.bincount(lab, weights=exposure.saturated.ravel()[on], minlength=size).astype(np.int64)
+    return sky_var[label_of], positive[label_of], n_sat[label_of]
 
 
 def _sky(exposure, x, y):

@@ -28,6 +28,8 @@ class Flag(IntFlag):
     OFF_IMAGE = 1024
     SHAPE_UNTRUSTED = 2048
     POOR_FIT = 4096
+    OUTSIDE_PSF = 8192
+    BLENDED = 16384
 
 
 _MEANINGS = {
@@ -44,10 +46,12 @@ _MEANINGS = {
     Flag.OFF_IMAGE: "position off the image, or its stamp not fully inside the image",
     Flag.SHAPE_UNTRUSTED: "the PSF shape used for this measurement could not be trusted",
     Flag.POOR_FIT: "chi2/dof far above what the PSF model allows (dipole, bad subtraction, blend); values kept",
+    Flag.OUTSIDE_PSF: "position outside the PSF model's region of validity; values are NaN",
+    Flag.BLENDED: "another source's light shifts the flux by more than half its error (a catalogue neighbour, or a point source in the residual off the centre); values kept",
 }
 
-#: Bits whose rows carry NaN values.
-BAD = Flag.FIT_FAILED | Flag.NO_DATA | Flag.NO_SOURCE
+#: Bits whose rows carry NaN values (forced photometry's ``OFF_IMAGE`` rows are NaN too).
+BAD = Flag.FIT_FAILED | Flag.NO_DATA | Flag.NO_SOURCE | Flag.OUTSIDE_PSF
 
 
 def decode(value):

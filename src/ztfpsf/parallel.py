@@ -8,6 +8,12 @@ oversubscribe the machine), or on an existing cluster given by its scheduler add
 an exception, or a worker that died — comes back with its error; the others finish.
 Results are handed to ``on_result`` as each file finishes, so callers can write them at
 once and an interrupted run keeps everything already done.
+
+Paths travel to the workers as absolute paths (a worker's working directory is not the
+client's); each worker configures JAX (:func:`ztfpsf.configure`) before its first task.
+The local cluster binds to the loopback interface, its HTTP server to a free port (no
+clash with another cluster's 8787), and is closed by letting every worker process exit on
+its own (JAX takes a moment to shut down) rather than killing it after Dask's 4 s.
 """
 
 import logging
@@ -56,9 +62,16 @@ def _one_line(err):
     return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
-def _run_one(func, path):
-    """Run ``func(path)`` and never raise: a failure becomes the result's error."""
+def _run_one(func, path, on_worker=False):
+    """Run ``func(path)`` and never raise: a failure becomes the result's error.
+
+    ``on_worker``: this is a Dask worker process, which ztfpsf configures (idempotent).
+    """
     t0 = time.perf_counter()
+    if on_worker:
+        from ._jax import configure
+
+        configure()
     try:
         value = func(path)
         return FileResult(str(path), value=value, seconds=time.perf_counter() - t0)
@@ -90,6 +103,7 @@ def map_files(
     results = [None] * len(paths)
 
     def done(i, res):
+        res.path = paths[i]  # as given (the workers got it absolute)
         results[i] = res
         if res.ok:
             log.info("%s: done in %.1f s", res.path, res.seconds)
@@ -126,14 +140,14 @@ def _map_dask(func, paths, n_workers, scheduler, desc, done, results):
         devices = max(1, usable_cores() // n_workers)
         env = {"ZTFPSF_CPU_DEVICES": str(devices), "OMP_NUM_THREADS": str(devices)}
         # set in this process too while the workers start: a spawned worker imports the
-        # parent's __main__ (and so ztfpsf, which sizes JAX) before Dask applies `env`
+        # parent's __main__ (a script may configure ztfpsf there) before Dask applies `env`
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
             cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR, env=env,
-            )
+                n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=env,
+            )  # fmt: skip
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -143,7 +157,10 @@ def _map_dask(func, paths, n_workers, scheduler, desc, done, results):
         log.info("local Dask cluster: %d worker processes x %d CPU device(s)", n_workers, devices)
     try:
         with Client(cluster if cluster is not None else scheduler) as client:
-            futures = {client.submit(_run_one, func, p, key=f"ztfpsf-{i}-{os.path.basename(p)}", pure=False): i for i, p in enumerate(paths)}
+            futures = {
+                client.submit(_run_one, func, os.path.abspath(p), True, key=f"ztfpsf-{i}-{os.path.basename(p)}", pure=False): i
+                for i, p in enumerate(paths)
+            }  # fmt: skip
             with _progress(len(paths), desc) as bar:
                 for fut in as_completed(futures):
                     i = futures[fut]
@@ -155,5 +172,22 @@ def _map_dask(func, paths, n_workers, scheduler, desc, done, results):
                     bar.update()
     finally:
         if cluster is not None:
-            cluster.close()
+            _close(cluster)
     return results
+
+
+#: Seconds a closing worker process gets to exit by itself before it is killed.
+_EXIT_TIMEOUT = 30.0
+
+
+def _close(cluster):
+    """Close the local cluster, letting each worker process exit on its own."""
+    import asyncio
+
+    async def close_workers():
+        await asyncio.gather(*(w.close(timeout=_EXIT_TIMEOUT) for w in list(cluster.workers.values())))
+
+    try:
+        cluster.sync(close_workers)
+    finally:
+        cluster.close()

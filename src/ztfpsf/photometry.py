@@ -1,14 +1,18 @@
 """Forced PSF photometry: the flux of a source at a given position with a known PSF.
 
-For every position a stamp is cut around the nearest pixel, the PSF's shape there is
-taken from the :class:`~ztfpsf.psf.PSFModel`, and ``flux`` and ``background`` (and,
-with ``fit_position``, ``x, y``) are fitted with the shape held fixed: one batched
-:func:`ztfpsf.fit_stamps` call for all positions (a linear problem without
-``fit_position``: one or two iterations).
+For every position a stamp is cut around the nearest pixel, the PSF there (analytic, or
+hybrid with its residual surface) is taken from the :class:`~ztfpsf.psf.PSFModel`, and
+``flux`` and ``background`` (and, with ``fit_position``, ``x, y``) are fitted with the PSF
+held fixed: one batched call of :func:`ztfpsf.psf.measure.measure_stamps` for all
+positions (a linear problem without ``fit_position``: one or two iterations). ``flux`` is
+on the PSF's flux scale: the flux within its ``flux_radius`` (7 px by default).
 
-A position whose stamp is not fully inside the image, outside the PSF's region of
-validity, or not finite gives a NaN row flagged ``OFF_IMAGE``; nothing is raised for one
-bad position.
+A position whose stamp is not fully inside the image, or not finite, gives a NaN row
+flagged ``OFF_IMAGE``; one outside the PSF's region of validity a NaN row flagged
+``OUTSIDE_PSF``; nothing is raised for one bad position. A measured row is flagged
+``POOR_FIT`` when its chi2 is above what the PSF allows and ``BLENDED`` when another
+source (a catalogue neighbour, or a point source in the residual) shifts its flux
+(:func:`_judge`, :mod:`ztfpsf.blends`).
 """
 
 import logging
@@ -17,11 +21,13 @@ import warnings
 import numpy as np
 from astropy.table import Table
 
-from .fitting import fit_stamps
+from . import blends
+from ._jax import with_x64
 from .io.catalog import sky_to_pixel
 from .stamps import cut
 from .flags import Flag
 from .psf import PSFModel
+from .psf.measure import measure_stamps
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,67 @@ def _exposure_parts(image):
     return np.asarray(image), None, None, None, None, None, None
 
 
+def _neighbours(table, wcs, zeropoint, x, y, flux):
+    """``(x, y, flux)`` of the sources that may blend with the measured ones: the measured
+    positions (their fluxes) and the ``neighbours`` catalogue less its entries within
+    0.5 px of a position (those are the positions themselves)."""
+    nflux = np.clip(np.nan_to_num(flux), 0.0, None)
+    if table is None:
+        return x, y, nflux
+    _, cx, cy, _, _ = positions_xy(table, wcs)
+    names = _names(table)
+    if "flux" in names:
+        cf = _column(table, "flux")
+    elif "mag" in names and zeropoint is not None:
+        cf = 10 ** (-0.4 * (_column(table, "mag") - float(zeropoint)))
+    else:
+        raise ValueError("neighbours need a flux column [ADU], or mag with a zero point")
+    if len(x) and len(cx):
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([np.nan_to_num(cx, nan=-1e9), np.nan_to_num(cy, nan=-1e9)]))
+        keep = d > 0.5
+        cx, cy, cf = cx[keep], cy[keep], cf[keep]
+    return np.concatenate([x, cx]), np.concatenate([y, cy]), np.concatenate([nflux, cf])
+
+
+def _judge(psf, origin, stamps, mask, variance, saturation, noise, res, neighbours):
+    """``POOR_FIT`` and ``BLENDED`` bits (:mod:`ztfpsf.blends`) of measured rows, from the
+    result columns ``res`` (x, y, flux, flux_err, background, chi2, dof), the stamps
+    (with their mask and variance, or ``noise = (gain, read_noise, sky)``) and the PSF;
+    ``neighbours``: ``(x, y, flux)`` of the catalogue sources."""
+    from .fitting.api import border_variance
+    from .psf.measure import usable_pixels
+
+    size = stamps.shape[1]
+    flux, err = res["flux"], res["flux_err"]
+    ok = np.isfinite(flux) & np.isfinite(err) & (err > 0)
+    x = np.where(ok, res["x"], origin[:, 0] + size // 2)
+    y = np.where(ok, res["y"], origin[:, 1] + size // 2)
+    usable, _ = usable_pixels(stamps, mask, saturation, variance)
+    data = np.where(usable, stamps, 0.0)
+    p = blends.render(psf, x, y, origin[:, 0], origin[:, 1], size, reach=size // 2)
+    model = np.nan_to_num(flux)[:, None, None] * p + np.nan_to_num(res["background"])[:, None, None]
+    gain, read_noise, sky = noise
+    if variance is not None:
+        var = variance
+    elif gain is not None:
+        var = (np.maximum(model, 0.0) + sky) / gain + (np.nan_to_num(read_noise) / gain) ** 2
+    else:
+        var = np.broadcast_to(np.asarray(border_variance(data, usable)), data.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weight = np.where(usable & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
+        snr = flux / err
+    c = blends.flux_response(p, weight)
+    centre = np.column_stack([x, y]) - origin
+    found = blends.residual_sources(np.where(usable, data - model, 0.0), weight, p, centre, 1.5 * psf.fwhm(x, y, extrapolate=True), snr)
+    shifts = (blends.residual_shift(psf, found, origin, c, size), blends.catalogue_shift(psf, x, y, origin, c, size, *neighbours))
+    blended = np.any([np.abs(s) > blends.SHIFT_SIGMA * err for s in shifts], axis=0)
+    bits = np.where(blends.poor_fit(res["chi2"], res["dof"], snr), int(Flag.POOR_FIT), 0) | np.where(blended, int(Flag.BLENDED), 0)
+    return np.where(ok, bits, 0).astype(np.int64)
+
+
+@with_x64  # the PSF model's shape evaluation too, whatever the host's JAX setting
 def photometry(
     image,
     psf,
@@ -94,6 +161,7 @@ def photometry(
     max_shift=2.0,
     backend="auto",
     chunk_size=None,
+    neighbours=None,
 ):
     """Forced PSF photometry at ``positions`` on ``image`` with the PSF ``psf``.
 
@@ -129,6 +197,11 @@ def photometry(
         Stamp size [px] (odd); the stamp is centred on the pixel nearest the position.
     max_shift : float
         With ``fit_position``: flag ``CENTER_SHIFT`` beyond this shift [px].
+    neighbours : Table, dict or DataFrame, optional
+        Other sources of the field (``x, y`` or ``ra, dec``, and ``flux`` [ADU] or ``mag``
+        with a zero point), e.g. the full catalogue: a row whose flux their light shifts by
+        more than half its error is flagged ``BLENDED``. The positions themselves, with
+        their measured fluxes, always count as neighbours of each other.
 
     Returns
     -------
@@ -137,7 +210,8 @@ def photometry(
         background_err, fwhm`` (the PSF's there), ``mag, mag_err, chi2, dof, flags``.
         ``flux`` may be negative (a forced measurement of a faint or absent source);
         ``mag`` is NaN for ``flux <= 0``. ``x_err, y_err`` are 0 when not fitted.
-        Positions that cannot be measured: NaN rows flagged ``OFF_IMAGE``.
+        Positions that cannot be measured: NaN rows flagged ``OFF_IMAGE`` (off the
+        image) or ``OUTSIDE_PSF`` (outside the PSF's region of validity).
     """
     data, e_mask, e_wcs, e_gain, e_rn, e_zp, e_sat = _exposure_parts(image)
     if data.ndim != 2:
@@ -169,42 +243,44 @@ def photometry(
     finite = np.isfinite(x) & np.isfinite(y)
     xs, ys = np.where(finite, x, 0.0), np.where(finite, y, 0.0)
     x0f, y0f = psf.stamp_origin(xs, ys, (size, size))
-    inside = finite & (x0f >= 0) & (y0f >= 0) & (x0f + size <= nx) & (y0f + size <= ny) & psf.contains(xs, ys)
+    on_image = finite & (x0f >= 0) & (y0f >= 0) & (x0f + size <= nx) & (y0f + size <= ny)
+    in_psf = finite & psf.contains(xs, ys)
+    inside = on_image & in_psf
     idx = np.flatnonzero(inside)
     if idx.size < n:
-        log.info("%d of %d positions off the image or outside the PSF's validity region: flagged OFF_IMAGE", n - idx.size, n)
+        log.info("%d of %d positions off the image (OFF_IMAGE), %d outside the PSF's validity region (OUTSIDE_PSF)",
+                 int((~on_image).sum()), n, int((on_image & ~in_psf).sum()))
 
     cols = {k: np.full(n, np.nan) for k in ("x", "x_err", "y", "y_err", "flux", "flux_err", "background", "background_err", "fwhm", "chi2")}
     dof = np.zeros(n, np.int32)
-    flags = np.where(inside, 0, int(Flag.OFF_IMAGE)).astype(np.int64)
+    flags = np.where(on_image, 0, int(Flag.OFF_IMAGE)) | np.where(in_psf | ~on_image, 0, int(Flag.OUTSIDE_PSF))
+    flags = flags.astype(np.int64)
     if idx.size:
         x0, y0 = x0f[idx].astype(np.int64), y0f[idx].astype(np.int64)
         stamps = cut(data, x0, y0, size)
         m = None if mask is None else cut(mask, x0, y0, size, True)
         v = None if variance is None else cut(variance, x0, y0, size)
-        shape = psf.shape(x[idx], y[idx])
-        fixed = dict(shape)
-        pos = {}
-        if fit_position:
-            pos = dict(x_init=x[idx], y_init=y[idx])
-        else:
-            fixed.update(x=x[idx], y=y[idx])
         with warnings.catch_warnings():
             if variance is None and gain is None:
                 warnings.simplefilter("ignore")  # said once below, not per call
-            t = fit_stamps(
-                stamps, v, model=psf.model, mask=m, gain=gain if variance is None else None,
-                read_noise=read_noise if variance is None else None, sky=sky, saturation=saturation,
-                dtype=dtype, origin=np.stack([x0, y0], axis=1).astype(np.float64), fixed=fixed,
-                max_shift=max_shift, backend=backend, chunk_size=chunk_size, **pos,
+            t = measure_stamps(
+                psf, stamps, np.stack([x0, y0], axis=1).astype(np.float64), x[idx], y[idx], mask=m, variance=v,
+                gain=gain if variance is None else None, read_noise=read_noise if variance is None else None, sky=sky,
+                saturation=saturation, fit_position=fit_position, max_shift=max_shift, dtype=dtype, backend=backend,
+                chunk=chunk_size,
             )
         for k in ("x", "x_err", "y", "y_err", "flux", "flux_err", "background", "background_err", "chi2"):
             cols[k][idx] = t[k]
-        if not fit_position:  # held fixed: the given values exactly (not via the fit's dtype)
+        if not fit_position:  # held fixed: the given values exactly, error 0
             cols["x"][idx], cols["y"][idx] = x[idx], y[idx]
+            cols["x_err"][idx], cols["y_err"][idx] = 0.0, 0.0
         cols["fwhm"][idx] = psf.fwhm(x[idx], y[idx])
         dof[idx] = t["dof"]
         flags[idx] = t["flags"]
+        cat = _neighbours(neighbours, wcs, zeropoint, x[idx], y[idx], cols["flux"][idx])
+        res = {k: cols[k][idx] for k in ("x", "y", "flux", "flux_err", "background", "chi2")}
+        flags[idx] |= _judge(psf, np.stack([x0, y0], axis=1), stamps, m, v, saturation, (gain, read_noise, sky),
+                             dict(res, dof=dof[idx]), cat)
     if variance is None and gain is None:
         warnings.warn("photometry without gain or variance: per-stamp border scatter used as the noise", stacklevel=2)
 

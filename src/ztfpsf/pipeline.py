@@ -18,26 +18,39 @@ images go through :func:`run`, which hands the same function to Dask
     with ``history``: every star's chi2 per iteration (rows in table order).
 ``run_summary.json`` (from :func:`run`)
     every image's status, error and outputs, rewritten as each image finishes.
+
+Nothing is lost or left half: every file is written atomically; an image's summary is
+its commit mark, removed (with the image's other old outputs and any temporary file of an
+interrupted write) before the image is processed and written last, and it carries the
+``run`` token of the stars table it belongs to; a rerun skips only images whose summary
+says ok and matches their table. Two inputs with the same stem are refused before
+anything runs (their outputs would overwrite each other).
 """
 
 import functools
+import json
 import logging
+import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from astropy.table import Table
 
 from . import __version__
-from .config import FitConfig
+from .apcorr import aperture_check
+from .config import HYBRID_MIN_STARS, FitConfig
 from .detect import detect_stars, estimate_background
 from .fitting import fit_stamps
 from .fitting.api import value_columns
 from .flags import BAD, Flag
 from .io.catalog import read_catalog
 from .io.fits import read_exposure
-from .io.results import read_json, result_paths, write_json, write_parquet
+from .io.results import METADATA_KEY, read_json, result_paths, save_npy, write_json, write_parquet
 from .models import get_model
 from .parallel import map_files
 from .selection import EmptySelectionWarning, select_stars
@@ -130,9 +143,10 @@ def _fit(stamps, exposure, config, noise):
         return table, None, None
     from .psf import fit_psf
 
+    hybrid = config.psf_model == "hybrid" or (config.psf_model == "auto" and len(stamps) >= HYBRID_MIN_STARS)
     psf, joint, stats = fit_psf(
         stamps.data, **common, **kw, mode=config.psf, degree=config.degree, reserve=config.reserve,
-        seed=config.seed, image_shape=exposure.shape, image=str(exposure.path),
+        seed=config.seed, image_shape=exposure.shape, image=str(exposure.path), hybrid=hybrid,
     )  # fmt: skip
     model = get_model(config.model)
     for name in ("fwhm",) + tuple(n for n in model.shape_names if n != "fwhm"):
@@ -197,6 +211,8 @@ def process_image(path, config=None, out_dir=".", **options):
     path = Path(path)
     out_dir = Path(out_dir)
     paths = output_paths(path, out_dir)
+    clear_outputs(path, out_dir)
+    token = uuid.uuid4().hex  # ties the summary to the table it describes
     stages = _Stages()
 
     exposure = read_exposure(
@@ -205,7 +221,7 @@ def process_image(path, config=None, out_dir=".", **options):
         pixel_scale=config.pixel_scale,
     )  # fmt: skip
     stages.done("read")
-    background = estimate_background(exposure) if config.catalog is None or exposure.gain is None or exposure.read_noise is None else None
+    background = estimate_background(exposure)  # detection, the measured noise model and its summary
     stars, source = _stars(exposure, config, background)
     stages.done("stars")
     with warnings.catch_warnings():
@@ -217,21 +233,25 @@ def process_image(path, config=None, out_dir=".", **options):
         )  # fmt: skip
     stages.done("select")
 
-    psf = psf_stats = None
+    psf = psf_stats = flux_scale = None
     history = None
     if len(selected):
         stamps = cut_stamps(exposure, np.asarray(selected["x_init"]), np.asarray(selected["y_init"]), config.stamp, background=background)
-        noise, noise_desc = noise_model(exposure, stamps, background)
+        noise, noise_desc = noise_model(exposure, stamps, background, mode=config.noise)
         stages.done("stamps")
         fit, psf, psf_stats = _fit(stamps, exposure, config, noise)
         fit["flags"] = np.asarray(fit["flags"]) | np.where(stamps.off_image, int(Flag.OFF_IMAGE), 0)
         history = fit.meta.pop("loss_history", None)
+        if psf is not None:
+            flux_scale = aperture_check(exposure.data, fit, psf.flux_radius, mask=exposure.mask,
+                                        header_apcor=exposure.header.get("APCOR6"))
+            psf.meta.update({k: v for k, v in flux_scale.items() if k in ("apcorr", "apcorr_err", "apcorr_n", "header_apcor")})
         stages.done("fit")
     else:
         msg = f"{path.name}: no star survived the selection ({', '.join(f'{k} {v}' for k, v in counts.items())})"
         log.warning(msg)
         warnings.warn(msg, EmptySelectionWarning, stacklevel=2)
-        fit, noise_desc = _empty_fit_table(config), "no stars"
+        fit, noise_desc = _empty_fit_table(config), {"model": None, "description": "no stars"}
     fit_meta = dict(fit.meta)
 
     table = Table()
@@ -240,11 +260,11 @@ def process_image(path, config=None, out_dir=".", **options):
     for name in fit.colnames:
         table[name] = fit[name]
         table[name].unit = fit[name].unit
-    meta = _metadata(exposure, config, noise_desc, source, fit_meta)
+    meta = dict(_metadata(exposure, config, noise_desc, source, fit_meta), run=token)
     outputs = {"stars": paths["stars"]}
     write_parquet(table, paths["stars"], meta)
     if history is not None:
-        np.save(paths["history"], history)
+        save_npy(history, paths["history"])
         outputs["history"] = paths["history"]
     if psf is not None:
         psf.write(paths["psf"], overwrite=True)
@@ -263,11 +283,13 @@ def process_image(path, config=None, out_dir=".", **options):
         "method": config.method,
         "psf": config.psf,
         "psf_stats": psf_stats,
+        "flux_scale": flux_scale,
         "noise": noise_desc,
         "exposure": exposure.summary(),
         "timings": stages.seconds,
         "outputs": outputs,
         "version": __version__,
+        "run": token,
     }
     write_json(summary, paths["summary"])
     if config.report:
@@ -283,15 +305,60 @@ def process_image(path, config=None, out_dir=".", **options):
     return summary
 
 
-def is_done(path, out_dir):
-    """True when an image's outputs exist from a successful earlier run."""
+def clear_outputs(path, out_dir):
+    """Remove an image's outputs, summary first (its commit mark), and the temporary files
+    an interrupted write left beside them."""
     paths = output_paths(path, out_dir)
-    if not (paths["summary"].exists() and paths["stars"].exists()):
-        return False
+    for kind in ("summary", "stars", "history", "psf", "report"):
+        p = paths[kind]
+        p.unlink(missing_ok=True)
+        if p.parent.is_dir():
+            for tmp in (*p.parent.glob(f".{p.name}.*.part"), *p.parent.glob(f"{p.name}.tmp")):
+                tmp.unlink(missing_ok=True)
+
+
+def is_done(path, out_dir):
+    """True when an image's outputs are those of a successful earlier run: its summary says
+    ok, every output it lists exists, and the stars table carries the summary's run token."""
+    paths = output_paths(path, out_dir)
     try:
-        return read_json(paths["summary"]).get("status") == "ok"
-    except (OSError, ValueError):
+        summary = read_json(paths["summary"])
+        listed = [paths["summary"].with_name(Path(p).name) for p in summary.get("outputs", {}).values()]
+        if summary.get("status") != "ok" or not all(p.exists() for p in listed):
+            return False
+        meta = json.loads((pq.read_schema(paths["stars"]).metadata or {}).get(METADATA_KEY, b"{}"))
+        return summary.get("run") is not None and meta.get("run") == summary["run"]
+    except (OSError, ValueError, AttributeError, pa.ArrowException):
         return False
+
+
+def _check_stems(paths):
+    """The input paths without repeats of one file; ValueError when two different files
+    share a stem (their outputs would overwrite each other)."""
+    seen, unique = {}, []
+    for p in paths:
+        stem, real = stem_of(p), os.path.realpath(p)
+        if stem in seen:
+            if seen[stem][1] == real:
+                log.warning("%s: given twice; processed once", p)
+                continue
+            raise ValueError(
+                f"{seen[stem][0]} and {p} have the same name {stem!r}: their outputs would overwrite each other "
+                "in one --out folder; rename one or run them into different folders"
+            )
+        seen[stem] = (p, real)
+        unique.append(p)
+    return unique
+
+
+def _absolute(config):
+    """The config with its catalogue and mask files as absolute paths (for the workers)."""
+    changes = {}
+    for name in ("catalog", "mask"):
+        value = getattr(config, name)
+        if value not in (None, "auto"):
+            changes[name] = os.path.abspath(value)
+    return config.replace(**changes) if changes else config
 
 
 def _process_one(path, config, out_dir):
@@ -305,10 +372,10 @@ def run(paths, config=None, out_dir=".", *, workers=None, scheduler=None):
     Images whose outputs exist are skipped unless ``config.overwrite``. A failing image is
     recorded with its reason (``run_summary.json``) and the others finish.
     """
-    config = config or FitConfig()
-    out_dir = Path(out_dir)
+    config = _absolute(config or FitConfig())
+    out_dir = Path(os.path.abspath(out_dir))
+    paths = _check_stems([str(p) for p in paths])
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [str(p) for p in paths]
     record = {"version": __version__, "options": config.to_dict(), "images": {}}
     todo = []
     for p in paths:
@@ -318,13 +385,16 @@ def run(paths, config=None, out_dir=".", *, workers=None, scheduler=None):
         else:
             todo.append(p)
     run_path = out_dir / "run_summary.json"
+    for tmp in out_dir.glob(f".{run_path.name}.*.part"):  # left by a killed run
+        tmp.unlink(missing_ok=True)
 
     def on_result(res):
         entry = {"status": "ok" if res.ok else "failed", "error": res.error, "seconds": round(res.seconds, 3)}
         if res.ok:
             entry["summary"] = str(output_paths(res.path, out_dir)["summary"])
             entry["n_fitted"] = res.value["n_fitted"]
-        else:
+        else:  # nothing of a failed image may look like a result
+            clear_outputs(res.path, out_dir)
             write_json({"image": res.path, "stem": stem_of(res.path), "status": "failed", "error": res.error}, output_paths(res.path, out_dir)["summary"])
         record["images"][res.path] = entry
         write_json(record, run_path)

@@ -2,7 +2,7 @@
 
 Plain matplotlib ``Figure`` objects on the Agg canvas (no pyplot, no display); matplotlib
 is imported inside the functions. Each function takes the result table of
-:func:`ztfpsf.alerts.measure_alerts` (or the Parquet file it was written to) and returns
+:func:`ztfpsf.alerts.measure_batch` (or the Parquet file it was written to) and returns
 the figure, saved to ``path`` when one is given.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_mag_comparison", "plot_fwhm_comparison"]
+__all__ = ["plot_mag_comparison", "plot_fwhm_comparison", "robust_std"]
 
 DPI = 100
 
@@ -44,9 +44,16 @@ def _col(t, name):
     return np.asarray(t[name], dtype=float)
 
 
-def _binned_rstd(x, y, edges):
-    from .alerts import robust_std
+def robust_std(values):
+    """1.4826 x the median absolute deviation of the finite values (NaN if none)."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return np.nan
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
+
+def _binned_rstd(x, y, edges):
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (x >= lo) & (x < hi) & np.isfinite(y)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.results import result_paths
+from .io.results import atomic_write, result_paths
 from . import __version__
 from .flags import BAD, Flag, decode, meaning
 from .plots import _data
@@ -140,7 +140,7 @@ def _counts_section(summary, table):
         flags = np.asarray(table["flags"], np.int64)
         rows.append(("rows in the results table", _num(len(table))))
         rows.append(("rows with flags = 0", _num(int(np.sum(flags == 0)))))
-        rows.append(("rows without values (FIT_FAILED, NO_DATA, NO_SOURCE)", _num(int(np.sum((flags & int(BAD)) != 0)))))
+        rows.append((f"rows without values ({', '.join(decode(BAD))})", _num(int(np.sum((flags & int(BAD)) != 0)))))
     return "<h2>Counts</h2>" + (_table(("stage", "stars"), rows) if rows else '<p class="note">no counts</p>')
 
 
@@ -299,9 +299,7 @@ def write_report(out_dir, stem, *, image=None, psf=None, worst=5, typical=2, pat
         run = load_run(paths["stars"], image=image, psf=psf)
     out = Path(path) if path is not None else paths["report"]
     text = render_report(summary, run, worst=worst, typical=typical, figures=figures)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)  # atomic: a reader never sees half a report
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # a reader never sees half a report
     log.info("report: %s", out)
     return out
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
 
+from ._jax import with_x64
+from .io.results import atomic_write
 from .models import EllipticalMoffat, get_model
 
 __all__ = [
@@ -82,6 +84,7 @@ def _shape_draws(model, n, rng, fwhm_range, alpha_range, ellipticity):
     return shape
 
 
+@with_x64
 def simulate_stamps(
     n,
     *,
@@ -332,6 +335,7 @@ def _next_pow2(n):
     return 1 << max(0, int(n - 1).bit_length())
 
 
+@with_x64
 def render_stars(shape, x, y, flux, psf, *, integration="gl4", wing_limit=0.005, dtype=np.float32):
     """Noise-free image ``(ny, nx)`` of point sources [ADU] and each star's peak pixel value.
 
@@ -537,26 +541,18 @@ class SimulatedQuadrant:
         for p in paths.values():
             if p is not None and p.exists() and not overwrite:
                 raise FileExistsError(f"{p}: exists (pass overwrite=True to replace it)")
-        _atomic(paths["sciimg"], lambda t: fits.PrimaryHDU(self.data, self.header).writeto(t))
+        atomic_write(paths["sciimg"], lambda t: fits.PrimaryHDU(self.data, self.header).writeto(t))
         if self.mask is not None:
-            _atomic(paths["mskimg"], lambda t: fits.PrimaryHDU(self.mask, self.mask_header).writeto(t))
-        _atomic(paths["catalog"], lambda t: self.catalog.write(t, format="ascii.csv"))
-        _atomic(paths["truth"], lambda t: self.truth.write(t, format="ascii.ecsv"))
+            atomic_write(paths["mskimg"], lambda t: fits.PrimaryHDU(self.mask, self.mask_header).writeto(t))
+        atomic_write(paths["catalog"], lambda t: self.catalog.write(t, format="ascii.csv"))
+        atomic_write(paths["truth"], lambda t: self.truth.write(t, format="ascii.ecsv"))
         for kind, p in paths.items():
             if p is not None:
                 log.info("wrote %s %s", kind, p)
         return paths
 
 
-def _atomic(path, write):
-    tmp = path.with_name(path.name + ".part")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
+@with_x64
 def make_quadrant(
     *,
     seed=0,

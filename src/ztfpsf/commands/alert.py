@@ -1,17 +1,17 @@
 """``ztfpsf alert``: PSF photometry of the candidates of ZTF alert packets (Avro or Parquet).
 
-One file: read and measured here. Several files: two passes over the files with
-:func:`ztfpsf.parallel.map_files` (a Dask LocalCluster by default, ``--scheduler`` for an
-existing cluster, ``--workers 1`` for this process): the first fits the PSF stars of every
-file, so that alerts can borrow the PSF alpha and shape of their exposure and night from
-the other files (:func:`ztfpsf.alerts.psf_groups`); the second measures every file with
-those groups. A file that cannot be read is reported and skipped; the others are measured
-(exit code 1 when some file failed, 2 when none could be read).
+A thin layer over :func:`ztfpsf.alerts.measure_files`: every file given (and every alert
+file in the directories given) is read once, as one stream of batches, in this process;
+alerts borrow PSFs from the other alerts of their image, exposure and night across all
+files. Results are written as they are finished (Parquet), so memory stays bounded
+whatever the input size. ``--workers N`` (N > 1) or ``--scheduler`` measure the files
+on Dask instead, one task per file (PSFs then borrowed within a file). A file that cannot
+be read is reported and skipped; the others are measured (exit code 1 when some file
+failed, 2 when none could be read).
 """
 
 import functools
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -24,41 +24,35 @@ _SHOW = ("objectId", "candid", "mag", "mag_err", "magpsf", "sigmapsf", "fwhm", "
 
 
 def add_arguments(p):
+    from ..io.alerts import DEFAULT_CHUNK
+
     p.add_argument("paths", nargs="+", metavar="FILE", help="alert files (.avro, .parquet) or directories searched for them")
-    p.add_argument("--out", metavar="FILE.parquet", help="write the result table here (Parquet; .ecsv/.csv/.fits by suffix); default: print it")
+    p.add_argument("--out", metavar="FILE.parquet", help="write the result table here (Parquet, streamed; .ecsv/.csv/.fits by suffix); default: print it")
     p.add_argument("--gain", type=float, default=None, help="e-/ADU for the sources' Poisson noise (default: ZTF nominal 6.2)")
-    p.add_argument("--workers", type=int, default=None, help="Dask worker processes for several files (default: the usable cores; 1: this process)")
-    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:8786)")
-    p.add_argument("--no-groups", action="store_true", help="measure each file on its own stars only (no PSF borrowed from other files)")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=f"alerts decoded and measured at a time (default {DEFAULT_CHUNK}: ~0.2 GB of cutouts)")
+    p.add_argument("--workers", type=int, default=1, help="Dask worker processes, one file per task (default 1: this process, all files one stream)")
+    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:8786): one file per task")
 
 
-# ---- per-file tasks (module level: picklable for Dask) --------------------------------
-def file_stars(path, config=None):
-    """Pass 1: the PSF-star table of one file (with the alerts' group keys)."""
-    from ..alerts import fit_psf_stars
-    from ..io.alerts import read_alerts
+def measure_file(path, config=None, chunk_size=None):
+    """One file's results as a DataFrame (a Dask task: module level, picklable)."""
+    import pandas as pd
 
-    alerts = read_alerts(path, strict=False)
-    return fit_psf_stars(alerts, config) if alerts else None
+    from ..alerts import measure_files
 
-
-def measure_file(path, config=None, groups=None):
-    """Pass 2: the measurement table of one file's alerts."""
-    from ..alerts import measure_alerts
-    from ..io.alerts import read_alerts
-
-    alerts = read_alerts(path, strict=False)
-    return measure_alerts(alerts, config=config, groups=groups) if alerts else None
+    frames = list(measure_files([path], config=config, **({"chunk_size": chunk_size} if chunk_size else {})))
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 # ---- command -------------------------------------------------------------------------
 def _config(args):
     from ..alerts import AlertPSFConfig
+    from ..cli import UserError
 
     if args.gain is not None and not args.gain > 0:
-        from ..cli import UserError
-
         raise UserError(f"--gain must be > 0 e-/ADU; got {args.gain}")
+    if args.chunk < 1:
+        raise UserError(f"--chunk must be >= 1; got {args.chunk}")
     return AlertPSFConfig() if args.gain is None else AlertPSFConfig(gain=args.gain)
 
 
@@ -75,75 +69,123 @@ def _files(args):
     return files
 
 
-def _run_files(files, cfg, args):
-    """Result tables of every file, in order, and the (path, error) of the failed ones."""
-    from astropy.table import vstack
+def _frames(files, cfg, args, failed):
+    """Result DataFrames as they are finished; failed files appended to ``failed``."""
+    from ..alerts import measure_files
 
-    from ..alerts import psf_groups
+    if args.workers <= 1 and args.scheduler is None:
+        yield from measure_files(files, config=cfg, chunk_size=args.chunk, on_error=lambda path, err: failed.append((str(path), str(err))))
+        return
     from ..parallel import map_files
 
-    kw = {"workers": args.workers, "scheduler": args.scheduler}
-    groups = None
-    if len(files) > 1 and not args.no_groups:
-        stars = map_files(functools.partial(file_stars, config=cfg), files, desc="PSF stars", **kw)
-        tables = [r.value for r in stars if r.ok and r.value is not None and len(r.value)]
-        groups = psf_groups(vstack(tables, metadata_conflicts="silent"), cfg) if tables else {}
-    results = map_files(functools.partial(measure_file, config=cfg, groups=groups), files, desc="alerts", **kw)
-    tables = [r.value for r in results if r.ok and r.value is not None]
-    failed = [(r.path, r.error) for r in results if not r.ok]
-    return tables, failed
+    task = functools.partial(measure_file, config=cfg, chunk_size=args.chunk)
+    for r in map_files(task, files, workers=args.workers, scheduler=args.scheduler, desc="alert files"):
+        if not r.ok:
+            failed.append((r.path, r.error))
+        elif r.value is not None:
+            yield r.value
 
 
-def _write(table, out):
-    from ..cli import UserError
+class _Summary:
+    """Counts for the closing line, gathered frame by frame."""
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    fmt = "parquet" if out.suffix.lower() in (".parquet", ".parq") else None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if fmt:
-            table.write(tmp, format=fmt, overwrite=True)
-        else:
-            table.write(tmp, format={".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits"}.get(out.suffix.lower(), "ascii.ecsv"), overwrite=True)
-        os.replace(tmp, out)  # atomic: no half-written result file
-    except OSError as err:
-        raise UserError(f"{out}: cannot write: {err.strerror or err}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    def __init__(self):
+        self.n, self.ok, self.d = 0, 0, []
+
+    def add(self, frame):
+        ok = frame["flags"].to_numpy() == 0
+        self.n += len(frame)
+        self.ok += int(ok.sum())
+        self.d.append((frame["mag"] - frame["magpsf"]).to_numpy(float)[ok])
+
+    def line(self):
+        d = np.concatenate(self.d) if self.d else np.zeros(0)
+        med = f", median mag - magpsf {np.nanmedian(d):+.3f}" if d.size else ""
+        return f"{self.n} alerts, {self.ok} measured with flags == 0{med}"
 
 
-def summarize(table):
-    """One-line summary: alerts, measured (flags == 0), median mag - magpsf of those."""
-    ok = np.asarray(table["flags"]) == 0
-    d = np.asarray(table["mag"] - table["magpsf"])[ok]
-    med = f", median mag - magpsf {np.nanmedian(d):+.3f}" if ok.any() else ""
-    return f"{len(table)} alerts, {int(ok.sum())} measured with flags == 0{med}"
+class _NoResults(Exception):
+    """No alert could be read: nothing to write."""
+
+
+def _stream_parquet(frames, out, cfg, summary):
+    """Write frames to ``out`` as they come, atomically (a temporary file renamed at the
+    end; nothing is left when no alert could be read)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..alerts.results import table_meta
+    from ..io.results import METADATA_KEY, atomic_path
+
+    with atomic_path(out) as tmp:
+        writer = None
+        try:
+            for frame in frames:
+                if len(frame) == 0:
+                    continue
+                summary.add(frame)
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                if writer is None:
+                    meta = {METADATA_KEY: json.dumps(table_meta(cfg)).encode()}
+                    writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise _NoResults
+
+
+def _write_table(frames, out):
+    """Formats other than Parquet: all rows at once through astropy, atomically."""
+    import pandas as pd
+    from astropy.table import Table
+
+    from ..io.results import atomic_write
+
+    fmt = {".ecsv": "ascii.ecsv", ".csv": "ascii.csv", ".fits": "fits"}.get(out.suffix.lower(), "ascii.ecsv")
+    table = Table.from_pandas(pd.concat(frames, ignore_index=True))
+    atomic_write(out, lambda tmp: table.write(tmp, format=fmt))
 
 
 def run(args):
-    from astropy.table import vstack
+    import pandas as pd
 
     from ..cli import UserError
 
     cfg = _config(args)
     files = _files(args)
-    tables, failed = _run_files(files, cfg, args)
-    for path, err in failed:
-        print(f"ztfpsf alert: {path}: {err}", file=sys.stderr)
-    if not tables:
+    failed, summary, kept = [], _Summary(), []
+    out = Path(args.out) if args.out else None
+    frames = _frames(files, cfg, args, failed)
+    try:
+        if out is not None and out.suffix.lower() in (".parquet", ".parq"):
+            _stream_parquet(frames, out, cfg, summary)
+        else:
+            for frame in frames:
+                if len(frame):
+                    summary.add(frame)
+                    kept.append(frame)
+            if out is not None and kept:
+                _write_table(kept, out)
+    except _NoResults:
+        pass
+    except OSError as err:
+        raise UserError(f"{out}: cannot write: {err.strerror or err}") from None
+    if summary.n == 0:
         if len(failed) == 1:
-            raise UserError(failed[0][1].split(": ", 1)[-1])
+            raise UserError(failed[0][1])
+        for _, err in failed:
+            print(f"ztfpsf alert: {err}", file=sys.stderr)
         raise UserError(f"none of the {len(files)} files could be read ({len(failed)} failed)")
-    table = vstack(tables, metadata_conflicts="silent")
-    if args.out:
-        _write(table, args.out)
-        log.info("wrote %s", args.out)
+    for _, err in failed:
+        print(f"ztfpsf alert: {err}", file=sys.stderr)
+    if out is not None:
+        log.info("wrote %s", out)
     else:
-        show = table[[c for c in _SHOW if c in table.colnames]]
-        for c in ("mag", "mag_err", "magpsf", "sigmapsf", "fwhm"):
-            show[c].info.format = ".3f"
-        show.pprint(max_lines=-1, max_width=-1)
-    print(summarize(table) + (f"; {len(failed)} file(s) failed" if failed else ""))
+        table = pd.concat(kept, ignore_index=True)[list(_SHOW)]
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(summary.line() + (f"; {len(failed)} file(s) failed" if failed else ""))
     return 1 if failed else 0

@@ -20,6 +20,9 @@ def add_arguments(p):
     p.add_argument("--psf", choices=("independent", "shared", "varying"), default="independent",
                    help="each star its own shape (default), one shape per image, or a shape varying over the image")
     p.add_argument("--degree", type=int, default=2, help="polynomial degree of --psf varying (default 2)")
+    p.add_argument("--psf-model", choices=("auto", "analytic", "hybrid"), default="auto",
+                   help="with --psf shared|varying: analytic profile, or hybrid = analytic + pixel residual surface "
+                        "(default auto: hybrid from 50 selected stars on)")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of stars kept out of a joint PSF fit to score it")
     p.add_argument("--out", default="ztfpsf-out", help="output directory (default ztfpsf-out)")
     p.add_argument("--mask", help="mask FITS for the image (non-zero = bad; ZTF bits for a mskimg); default: the mskimg beside a sciimg")
@@ -34,6 +37,9 @@ def add_arguments(p):
     p.add_argument("--min-snr", type=float, default=20.0, help="faint limit by S/N when magnitudes are instrumental (default 20)")
     for name, unit in (("gain", "e-/ADU"), ("read-noise", "e-"), ("saturation", "ADU"), ("zeropoint", "mag"), ("pixel-scale", "arcsec/px")):
         p.add_argument(f"--{name}", type=float, help=f"override the header value [{unit}]")
+    p.add_argument("--noise", choices=("measured", "header"), default="measured",
+                   help="pixel noise: the sky variance measured on the image plus the source's Poisson noise (default), "
+                   "or the header gain and read noise alone")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU when JAX sees one, else the CPU")
     p.add_argument("--workers", type=int, help="worker processes of the local Dask cluster (default: the cores; 1: no Dask)")
@@ -58,7 +64,7 @@ def config_from_args(args):
         pixel_scale=args.pixel_scale, mag_range=tuple(args.mag_range), isolation=args.isolation,
         isolation_px=args.isolation_px, edge=args.edge, stamp=args.stamp, min_snr=args.min_snr,
         model=args.model, method=args.method, dtype=args.dtype, backend=args.backend, psf=args.psf,
-        degree=args.degree, reserve=args.reserve, overwrite=args.overwrite, history=args.history, report=args.report,
+        degree=args.degree, psf_model=args.psf_model, reserve=args.reserve, noise=args.noise, overwrite=args.overwrite, history=args.history, report=args.report,
     )  # fmt: skip
 
 
@@ -84,7 +90,10 @@ def run(args):
         raise UserError(str(err)) from None
     if len(args.images) == 1:
         _check_inputs(args)
-    record = run_images(args.images, config, args.out, workers=args.workers, scheduler=args.scheduler)
+    try:
+        record = run_images(args.images, config, args.out, workers=args.workers, scheduler=args.scheduler)
+    except ValueError as err:  # refused before anything ran (e.g. two inputs with one name)
+        raise UserError(str(err)) from None
     images = record["images"]
     failed = {p: e for p, e in images.items() if e["status"] == "failed"}
     if len(args.images) == 1 and failed:

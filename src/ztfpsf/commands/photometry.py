@@ -4,6 +4,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HELP = "forced PSF photometry: flux, mag and errors at given positions with a fitted PSF file"
 log = logging.getLogger("ztfpsf.photometry")
 
@@ -16,6 +18,8 @@ def add_arguments(p):
     p.add_argument("--positions", required=True, metavar="CAT",
                    help="catalogue with x, y (0-based pixels) or ra, dec [deg] columns: CSV, ECSV, FITS, Parquet")
     p.add_argument("--fit-position", action="store_true", help="fit x, y too (default: held at the given positions)")
+    p.add_argument("--neighbours", metavar="CAT", help="catalogue of the field's other sources (x, y or ra, dec; flux or mag): "
+                   "rows whose flux their light shifts are flagged BLENDED")
     p.add_argument("--out", metavar="FILE", help="output table (.csv, .ecsv, .fits, .parquet); default: CSV on stdout")
     p.add_argument("--stamp", type=int, default=17, help="stamp size in pixels, odd (default 17)")
     p.add_argument("--gain", type=float, help="gain [e-/ADU] (default: header GAIN)")
@@ -30,6 +34,7 @@ def add_arguments(p):
 
 def _write(table, out, overwrite):
     from ..cli import UserError
+    from ..io.results import atomic_write
 
     path = Path(out)
     fmt = _FORMATS.get(path.suffix.lower())
@@ -38,9 +43,9 @@ def _write(table, out, overwrite):
     if path.exists() and not overwrite:
         raise UserError(f"{out} exists (pass --overwrite)")
     if fmt == "parquet":
-        table.to_pandas().to_parquet(path, index=False)
+        atomic_write(path, lambda tmp: table.to_pandas().to_parquet(tmp, index=False))
     else:
-        table.write(path, format=fmt, overwrite=True)
+        atomic_write(path, lambda tmp: table.write(tmp, format=fmt))
 
 
 def run(args):
@@ -74,10 +79,22 @@ def run(args):
         log.warning("%s: no gain known (header GAIN or --gain): noise from each stamp's border scatter", args.image)
     if exp.zeropoint is None:
         log.warning("%s: no zero point known (header MAGZP or --zeropoint): mag and mag_err are NaN", args.image)
-    table = photometry(exp, psf, cat, fit_position=args.fit_position, stamp=args.stamp, dtype=args.dtype, backend=args.backend)
+    neighbours = None
+    if args.neighbours:
+        try:
+            neighbours = read_catalog(args.neighbours, wcs=exp.wcs, image_shape=exp.shape, wcs_note=exp.wcs_note)
+        except CatalogError as err:
+            raise UserError(str(err)) from None
+    try:
+        table = photometry(exp, psf, cat, fit_position=args.fit_position, stamp=args.stamp, dtype=args.dtype,
+                           backend=args.backend, neighbours=neighbours)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     table.meta.update(image=str(args.image), psf=str(args.psf), positions=str(args.positions))
-    off = (table["flags"] & int(Flag.OFF_IMAGE)) != 0
-    log.info("%d positions: %d measured, %d off the image or the PSF's region", len(table), int((~off).sum()), int(off.sum()))
+    flags = np.asarray(table["flags"])
+    count = lambda bit: int(np.sum((flags & int(bit)) != 0))
+    log.info("%d positions: %d off the image, %d outside the PSF's region, %d poor fits, %d blended", len(table),
+             count(Flag.OFF_IMAGE), count(Flag.OUTSIDE_PSF), count(Flag.POOR_FIT), count(Flag.BLENDED))
     if args.out:
         _write(table, args.out, args.overwrite)
         log.info("wrote %s", args.out)

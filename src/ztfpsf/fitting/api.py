@@ -16,6 +16,7 @@ import numpy as np
 from astropy.table import Table
 
 from .. import __version__
+from .._jax import with_x64
 from ..flags import BAD, Flag
 from ..models import get_model
 from . import linalg
@@ -29,7 +30,7 @@ from .tncg import tncg_solve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit_stamps", "METHODS"]
+__all__ = ["fit_stamps", "check_variance", "METHODS"]
 
 METHODS = ("lm", "tncg", "adam", "scipy")
 _MAX_ITER = {"lm": 30, "tncg": 50, "scipy": 200}
@@ -93,7 +94,6 @@ def _prepare(model, free, opts, data, mask, variance, per_star, start, has_init)
     pix_flags = jnp.where(jnp.any(saturated, axis=(1, 2)), int(Flag.SATURATED), 0) | jnp.where(
         jnp.any(~valid & ~saturated, axis=(1, 2)), int(Flag.MASKED_PIXELS), 0
     )
-    bad_variance = jnp.sum(valid & ~(variance > 0), axis=(1, 2)) if opts.has_variance else jnp.zeros(data.shape[0], jnp.int32)
     data = jnp.where(valid, data, 0.0)
     theta = _start(model, free, data, valid, start, has_init)
     if opts.noise_mode == "border":
@@ -108,7 +108,7 @@ def _prepare(model, free, opts, data, mask, variance, per_star, start, has_init)
             return jnp.where(valid, 1.0 / jnp.where(valid & (var > 0), var, 1.0), 0.0)
         return noise_weight(model_image(model, th, xx, yy), valid, gain, read_noise, sky)
 
-    return flatten(data), valid, theta, weights, pix_flags, bad_variance, (xx, yy)
+    return flatten(data), valid, theta, weights, pix_flags, (xx, yy)
 
 
 def _solve(method, model, free, opts, theta, data, weight, active, xx, yy):
@@ -156,7 +156,7 @@ def _results(model, free, opts, theta, data, weight, at_solution, conv, xx, yy):
 
 
 def _fit_chunk(method, model, free, opts, data, mask, variance, per_star, start, has_init):
-    data, valid, theta, weights, pix_flags, bad_var, (xx, yy) = _prepare(
+    data, valid, theta, weights, pix_flags, (xx, yy) = _prepare(
         model, free, opts, data, mask, variance, per_star, start, has_init
     )
     x0, y0 = theta[:, 1], theta[:, 2]
@@ -173,7 +173,7 @@ def _fit_chunk(method, model, free, opts, data, mask, variance, per_star, start,
             hist = jnp.concatenate([hist, h2], axis=0)
     chi2, values, errors, ok, conv, detection = _results(model, free, opts, theta, data, weight, at_solution, conv, xx, yy)
     out = dict(values=values, errors=errors, chi2=chi2, ok=ok, n_iter=n_iter, converged=conv, n_valid=n_valid, detection=detection,
-               pix_flags=pix_flags, bad_variance=bad_var, x0=x0, y0=y0)
+               pix_flags=pix_flags, x0=x0, y0=y0)
     if opts.history:
         out["history"] = hist.T
     return out
@@ -181,9 +181,9 @@ def _fit_chunk(method, model, free, opts, data, mask, variance, per_star, start,
 
 def _prepare_chunk(model, free, opts, data, mask, variance, per_star, start, has_init):
     """For the host-side scipy method: the prepared arrays and the starting point."""
-    data, valid, theta, weights, pix_flags, bad_var, _ = _prepare(model, free, opts, data, mask, variance, per_star, start, has_init)
+    data, valid, theta, weights, pix_flags, _ = _prepare(model, free, opts, data, mask, variance, per_star, start, has_init)
     var = jnp.where(valid, 1.0 / jnp.maximum(weights(theta), 1e-30), 1.0) if opts.noise_mode != "model" else jnp.ones_like(data)
-    return dict(data=data, valid=valid, variance=var, theta=theta, pix_flags=pix_flags, bad_variance=bad_var,
+    return dict(data=data, valid=valid, variance=var, theta=theta, pix_flags=pix_flags,
                 x0=theta[:, 1], y0=theta[:, 2], n_valid=jnp.sum(valid, axis=1))
 
 
@@ -266,18 +266,77 @@ def noise_mode(variance, gain, read_noise, sky, n):
     return "model", per_star
 
 
+#: Physical domain of the shape parameters (their internal transform is finite inside).
+_DOMAIN = {
+    "fwhm": (lambda v: v > 0, "> 0"),
+    "sigma_x": (lambda v: v > 0, "> 0"),
+    "sigma_y": (lambda v: v > 0, "> 0"),
+    "alpha": (lambda v: v > 1, "> 1"),
+    "rho": (lambda v: np.abs(v) < 1, "in (-1, 1)"),
+}
+
+
+def _check_fixed_value(name, values):
+    """A held value must be finite and inside its parameter's domain (fwhm > 0, alpha > 1...)."""
+    bad = ~np.isfinite(values)
+    rule = "finite"
+    if name in _DOMAIN:
+        inside, rule = _DOMAIN[name]
+        rule = f"finite and {rule}"
+        with np.errstate(invalid="ignore"):
+            bad |= ~inside(values)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        where = f" (star {i} of {values.size})" if values.size > 1 else ""
+        raise ValueError(f"fixed[{name!r}] must be {rule}; got {values[i]}{where}")
+
+
 def _fixed_params(model, fixed, n):
     """Validated {param index: physical values} of the parameters held fixed."""
     out = {}
     for name, value in (fixed or {}).items():
         if name not in model.param_names:
             raise ValueError(f"cannot fix {name!r}: {model.name} parameters are {model.param_names}")
-        out[model.param_names.index(name)] = _per_star(f"fixed[{name!r}]", value, n)
+        values = _per_star(f"fixed[{name!r}]", value, n)
+        _check_fixed_value(name, values)
+        out[model.param_names.index(name)] = values
     if model.name == "elliptical_moffat" and len({5, 6} & set(out)) == 1:
         raise ValueError("e1 and e2 must be fixed together")
+    if 5 in out and 6 in out and model.name == "elliptical_moffat" and np.any(np.hypot(out[5], out[6]) >= 1):
+        raise ValueError("fixed ellipticity must have |e| = hypot(e1, e2) < 1")
     if (1 in out) != (2 in out):
         raise ValueError("fix x and y together")
     return out
+
+
+def check_variance(data, variance, mask=None, saturation=None):
+    """Raise ValueError if ``variance`` is <= 0 on a pixel the fit would use.
+
+    The one rule, checked before any work (:func:`fit_stamps`, the joint PSF fit): a pixel
+    is used when its data and variance are finite, it is not masked and it is below
+    ``saturation`` (scalar or per star); such a pixel needs a variance > 0 (mask it
+    otherwise). ``data``, ``variance`` (and ``mask``) have shape (N, ny, nx).
+    """
+    if variance is None:
+        return
+    variance = np.asarray(variance)
+    positive = variance > 0
+    if positive.all():  # the usual case: one cheap pass
+        return
+    data = np.asarray(data)
+    with np.errstate(invalid="ignore"):
+        used = np.isfinite(data) & np.isfinite(variance) & ~positive
+        if mask is not None:
+            used &= ~np.asarray(mask, dtype=bool)
+        if saturation is not None:
+            sat = np.asarray(saturation, dtype=np.float64)
+            used &= ~(data >= (sat[:, None, None] if sat.ndim == 1 else sat))
+    if used.any():
+        stars = np.flatnonzero(used.any(axis=(1, 2)))
+        raise ValueError(
+            f"variance must be > 0 on every pixel used: {int(used.sum())} pixels <= 0 "
+            f"in {stars.size} stamps (first: {stars[0]}); mask those pixels instead"
+        )
 
 
 def _start_values(model, fixed_vals, x_init, y_init, origin, n):
@@ -389,6 +448,7 @@ _NOISE_DESC = {
 # --------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------
+@with_x64  # float64 fits are float64 even where the host left JAX's x64 off
 def fit_stamps(
     data,
     variance=None,
@@ -491,6 +551,7 @@ def fit_stamps(
         raise ValueError(f"origin must have shape ({n}, 2); got {origin.shape}")
     mode, per_star = noise_mode(variance, gain, read_noise, sky, n)
     sat = _per_star("saturation", saturation, n)
+    check_variance(data, variance, mask, sat)
     per_star = np.column_stack([per_star, np.full(n, np.inf) if sat is None else sat])
     fixed_vals = _fixed_params(model, fixed, n)
     free = tuple(i for i in range(model.n_params) if i not in fixed_vals)
@@ -521,12 +582,6 @@ def fit_stamps(
         res = _fit_scipy(model, free, opts, arrays, devices, chunk_size, progress)
     else:
         res = run_chunked((_fit_chunk, method, model, free, opts), arrays, devices, chunk_size)
-    if np.any(res["bad_variance"] > 0):
-        stars = np.nonzero(res["bad_variance"])[0]
-        raise ValueError(
-            f"variance must be > 0 on every pixel used: {int(res['bad_variance'].sum())} pixels <= 0 "
-            f"in {stars.size} stamps (first: {stars[0]}); mask those pixels instead"
-        )
     desc = _NOISE_DESC[mode] + (", refit once" if mode == "model" and reweight else "")
     table = _build_table(model, free, method, opts, res, fixed_vals, origin, (ny, nx), dtype, min_snr, max_shift, desc)
     if return_history:

@@ -2,9 +2,12 @@
 
 Every star has its own damping, convergence test and iteration cap; the loop of a chunk
 stops when all its stars are done. A star is converged when the chi2 decrease predicted
-for its next step falls below ``tol`` (in chi2 units: the remaining step is ~sqrt(tol)
-sigma); the next step is computed at the end of an iteration, so a chunk whose stars have
-all converged stops without evaluating one more trial. A rejected step raises that star's
+for the undamped Gauss-Newton step, ``g^T A^-1 g``, falls below ``tol`` (in chi2 units: the
+remaining step is ~sqrt(tol) sigma) -- the test of every other method, and one that the
+damping cannot fake: the damped step's predicted decrease shrinks like 1/lambda, so after
+a run of rejected steps it would call a star far from its minimum converged. The next
+step is computed at the end of an iteration, so a chunk whose stars have all converged
+stops without evaluating one more trial. A rejected step raises that star's
 damping; a star whose damping runs away, or that reaches ``max_iter``, is stopped and
 reported as not converged. Never raises: failures come back as status values.
 
@@ -30,9 +33,12 @@ _BULK_ITER = 6
 
 
 def _next_step(A, g, lam, n):
+    """The damped step, whether it could be solved, and the Gauss-Newton decrement
+    ``g^T A^-1 g`` (the undamped step's predicted chi2 decrease: the convergence test)."""
     step, ok = linalg.solve(A, g, n, damping=lam)
-    pred = sum(d * gi for d, gi in zip(step, g))
-    return step, pred, ok
+    newton, newton_ok = linalg.solve(A, g, n)
+    decrement = jnp.where(newton_ok, sum(d * gi for d, gi in zip(newton, g)), jnp.inf)
+    return step, decrement, ok
 
 
 def _iterate(model, free, opts, data, weight, xx, yy, s):
@@ -46,13 +52,13 @@ def _iterate(model, free, opts, data, weight, xx, yy, s):
     A = {k: pick(A2[k], s["A"][k]) for k in s["A"]}
     g = [pick(a, b) for a, b in zip(g2, s["g"])]
     lam = jnp.where(accept, jnp.maximum(s["lam"] * 0.3, _LAMBDA_MIN), jnp.where(live, s["lam"] * 10.0, s["lam"]))
-    step, pred, ok = _next_step(A, g, lam, n)
+    step, decrement, ok = _next_step(A, g, lam, n)
     n_iter = s["n_iter"] + live.astype(jnp.int32)
-    now_converged = live & ok & (pred < opts.tol)
+    now_converged = live & ok & (decrement < opts.tol)
     out = dict(
         theta=jnp.where(accept[:, None], trial, s["theta"]),
         chi2=pick(c2, s["chi2"]),
-        A=A, g=g, lam=lam, step=step, pred=pred, ok=ok, n_iter=n_iter,
+        A=A, g=g, lam=lam, step=step, decrement=decrement, ok=ok, n_iter=n_iter,
         converged=s["converged"] | now_converged,
         done=s["done"] | now_converged | (lam > _LAMBDA_MAX) | (n_iter >= opts.max_iter),
     )
@@ -113,11 +119,11 @@ def lm_solve(model, free, opts, theta0, data, weight, active, xx, yy):
     n = len(free)
     chi2, A, g = normal_equations(model, free, theta0, data, weight, xx, yy)
     lam = jnp.full_like(chi2, _LAMBDA0)
-    step, pred, ok = _next_step(A, g, lam, n)
+    step, decrement, ok = _next_step(A, g, lam, n)
     live0 = active & jnp.isfinite(chi2)
-    converged = live0 & ok & (pred < opts.tol)
+    converged = live0 & ok & (decrement < opts.tol)
     s = dict(
-        theta=theta0, chi2=chi2, A=A, g=g, lam=lam, step=step, pred=pred, ok=ok,
+        theta=theta0, chi2=chi2, A=A, g=g, lam=lam, step=step, decrement=decrement, ok=ok,
         done=~live0 | converged | (opts.max_iter <= 0), converged=converged,
         n_iter=jnp.zeros(chi2.shape, jnp.int32),
     )  # fmt: skip

@@ -31,10 +31,16 @@ def _col(v):
     return v[:, None]
 
 
+def _shape(model, theta):
+    """The model's internal shape from theta: a tuple of ``(N, 1)`` columns, or what the
+    model's ``unpack`` makes of the block (the hybrid PSF's residual nodes)."""
+    block = theta[:, 3: 3 + model.n_shape]
+    unpack = getattr(model, "unpack", None)
+    return unpack(block) if unpack else tuple(_col(block[:, k]) for k in range(model.n_shape))
+
+
 def _profile(model, theta, xx, yy):
-    n_shape = model.n_shape
-    u = tuple(_col(theta[:, 3 + k]) for k in range(n_shape))
-    return model.profile(xx - _col(theta[:, 1]), yy - _col(theta[:, 2]), u)
+    return model.profile(xx - _col(theta[:, 1]), yy - _col(theta[:, 2]), _shape(model, theta))
 
 
 def model_image(model, theta, xx, yy):

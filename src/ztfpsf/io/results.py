@@ -1,7 +1,8 @@
 """Result files: star tables as Parquet with metadata, JSON summaries; atomic writes.
 
-Every file is written to a temporary name in the same directory and renamed into place,
-so an interrupted run never leaves a half-written file under the final name.
+Every file is written to a temporary name in the same directory and renamed into place
+(:func:`atomic_write`), so an interrupted run never leaves a half-written file under the
+final name; the file gets the permissions of any other new file (``0666`` less the umask).
 """
 
 import json
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.table import Table
 
-__all__ = ["atomic_path", "result_paths", "write_parquet", "read_parquet", "write_json", "read_json", "METADATA_KEY"]
+__all__ = ["atomic_write", "atomic_path", "result_paths", "save_npy", "write_parquet", "read_parquet", "write_json", "read_json", "METADATA_KEY"]
 
 METADATA_KEY = b"ztfpsf"
 
@@ -32,19 +33,62 @@ def result_paths(out_dir, stem):
     }
 
 
+def _umask():
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    mask = os.umask(0o022)  # pragma: no cover
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
+
+    The temporary file of ``mkstemp`` is private (0600); it is given the mode a plain
+    ``open()`` would have (``0666 & ~umask``) before the rename, so results are as
+    readable as every other file the user writes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
+    os.unlink(tmp)  # a unique free name: writers that refuse to overwrite work too
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write(path, write):
+    """Write ``path`` atomically: ``write(tmp)`` writes a temporary file beside it, which is
+    renamed to ``path`` only if ``write`` returns. Returns ``path`` (a Path).
+
+    ``write`` gets the temporary path (a free name), e.g.
+    ``atomic_write(p, lambda tmp: hdul.writeto(tmp))``.
+    """
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def save_npy(array, path):
+    """``np.save`` atomically (to a file object: np.save would add '.npy' to the temporary name)."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    return atomic_write(path, write)
 
 
 def _jsonable(obj):
@@ -65,9 +109,8 @@ def _jsonable(obj):
 
 def write_json(obj, path):
     """Write ``obj`` as indented JSON (NaN/inf become null), atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=1) + "\n")
-    return Path(path)
+    text = json.dumps(_jsonable(obj), indent=1) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path):
@@ -87,9 +130,7 @@ def write_parquet(table, path, metadata):
     meta.setdefault("units", {name: str(table[name].unit) for name in table.colnames if table[name].unit is not None})
     arrow = pa.table(columns)
     arrow = arrow.replace_schema_metadata({METADATA_KEY: json.dumps(_jsonable(meta)).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(arrow, tmp)
-    return Path(path)
+    return atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
 
 
 def read_parquet(path):

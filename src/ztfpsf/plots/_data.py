@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._jax import with_x64
 from ..flags import BAD
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def stamps_and_models(table, image, mask=None):
     return origins, cut_stamps(image, origins, size, mask), render_models(table, origins, size)
 
 
+@with_x64  # the fit's values, rendered in float64 whatever the host's JAX setting
 def render_models(table, origins, size):
     """Model stamps ``(N, size, size)`` from the table's parameters (NaN rows stay NaN).
 

@@ -25,6 +25,27 @@ coefficient of that term. Internal parameters at a position are
 HDU ``COVAR`` (image): covariance of the coefficients, shape-parameter-major (index
 ``k * NTERMS + j`` for shape parameter ``k`` and term ``j``).
 HDU ``META`` (table ``key, value``): the full provenance as JSON values.
+
+Format version 2 adds the flux scale and the hybrid PSF's pixel part (version 1 files are
+still read: no residual, flux = the profile's total flux):
+
+- ``FLUXRAD`` [px]: the radius of the circular aperture whose flux a PSF flux is
+  (``0``: the profile's total flux). PSF stamps are normalised to unit flux within it, so
+  ``flux`` of :func:`ztfpsf.photometry` and of the joint fit is the star's flux within
+  ``FLUXRAD`` (7 px: ZTF's largest aperture, 14 px diameter, the one of ``APCOR6``), and
+  never an extrapolation of the profile's wings.
+- ``RESIDUAL`` = T for a hybrid PSF, with ``RESDEG`` (total degree of the residual's
+  spatial polynomial: its terms are the first ``RESNTERM`` rows of ``COEFFS``), ``RESOVER``
+  (nodes per pixel), ``RESRAD`` [px] and ``RESN`` (nodes per axis, ``2 RESRAD RESOVER + 1``),
+  and HDU ``RESIDUAL`` (image ``(RESNTERM, RESN, RESN)``): the node values ``r[t, k, j]``
+  of spatial term ``t`` at offset ``((j - (RESN-1)/2)/RESOVER, (k - (RESN-1)/2)/RESOVER)``
+  [px] from the star's centre, in flux per px^2 of a unit-flux star; the residual surface
+  is ``sum r B(dy RESOVER - k') B(dx RESOVER - j')`` with ``B`` the centred cubic B-spline
+  (:mod:`ztfpsf.psf.residual`), added to the analytic profile before the pixel integral.
+- ``APCORR``, ``APCORERR``, ``APCORN``: the measured median and error of PSF minus
+  ``FLUXRAD``-aperture magnitude of the image's bright unflagged stars (a check of the
+  flux scale: ~0 when the model describes the stars out to ``FLUXRAD``), and ``HDRAPCOR``,
+  the image header's ``APCOR6`` when known.
 """
 
 import datetime
@@ -42,13 +63,18 @@ from astropy.table import Table
 from .. import __version__
 from ..models import get_model
 from .basis import basis_terms, legendre_basis, normalise
+from .residual import Hybrid, ResidualGrid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PSFModel", "PSFFileError", "FORMAT_VERSION", "INTERNAL_NAMES"]
+__all__ = ["PSFModel", "PSFFileError", "FORMAT_VERSION", "READABLE_VERSIONS", "FLUX_RADIUS", "INTERNAL_NAMES"]
 
 #: Version of the PSF file layout written by this module; read() refuses others.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions read() accepts.
+READABLE_VERSIONS = (1, 2)
+#: Default flux scale: the flux within this radius [px] (ZTF's 14 px diameter aperture).
+FLUX_RADIUS = 7.0
 
 #: Names of each model's internal (fitted, unconstrained) shape parameters.
 INTERNAL_NAMES = {
@@ -68,6 +94,10 @@ _HEADER_STATS = {
     "n_outlier": ("NOUTLIER", "stars clipped as outliers"),
     "chi2_dof_train": ("CHI2TRN", "chi2/dof of the training stars"),
     "chi2_dof_reserve": ("CHI2RES", "chi2/dof of the reserve stars"),
+    "apcorr": ("APCORR", "PSF - FLUXRAD aperture mag, bright stars"),
+    "apcorr_err": ("APCORERR", "error of APCORR [mag]"),
+    "apcorr_n": ("APCORN", "stars in APCORR"),
+    "header_apcor": ("HDRAPCOR", "image header APCOR6 [mag]"),
 }
 
 
@@ -123,13 +153,42 @@ def _jacobian_fn(model):
 
 @functools.lru_cache(maxsize=16)
 def _stamp_fn(model, ny, nx):
-    """Compiled unit-flux pixel-integrated stamps from offsets ``(N,)`` and internal shapes."""
+    """Compiled unit-flux pixel-integrated stamps from offsets ``(N,)`` and internal shapes
+    ``(N, n_shape)`` (for a hybrid PSF the residual nodes follow the analytic shape)."""
     yy, xx = np.mgrid[0:ny, 0:nx]
 
     def fn(dx, dy, u):
         X = xx[None] - dx[:, None, None]
         Y = yy[None] - dy[:, None, None]
-        return model.profile(X, Y, tuple(u[:, k, None, None] for k in range(model.n_shape)))
+        unpack = getattr(model, "unpack", None)
+        shape = unpack(u) if unpack else tuple(u[:, k, None, None] for k in range(model.n_shape))
+        return model.profile(X, Y, shape)
+
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=16)
+def _enclosed_fn(name, grid, radius, n_r=96, n_t=64):
+    """Compiled disc integral of the continuous PSF (no pixel integral): Gauss-Legendre in
+    ``r`` (resolves a core far narrower than a pixel), uniform in angle."""
+    core = get_model(name, "center")
+    t, w = np.polynomial.legendre.leggauss(n_r)
+    r = 0.5 * radius * (t + 1.0)
+    wr = 0.5 * radius * w * r * (2.0 * np.pi / n_t)
+    phi = 2.0 * np.pi * (np.arange(n_t) + 0.5) / n_t
+    X = (r[:, None] * np.cos(phi)[None]).reshape(-1)
+    Y = (r[:, None] * np.sin(phi)[None]).reshape(-1)
+    weight = np.repeat(wr, n_t)
+
+    def fn(block):
+        nc = core.n_shape
+        u = tuple(block[:, k, None] for k in range(nc))
+        val = core.profile(jnp.asarray(X)[None], jnp.asarray(Y)[None], u)
+        if grid is not None:
+            r_nodes = block[:, nc:].reshape(block.shape[0], grid.n, grid.n)
+            bx, by = grid.point_basis(jnp.asarray(X)), grid.point_basis(jnp.asarray(Y))
+            val = val + jnp.einsum("pk,nkj,pj->np", by, r_nodes, bx)
+        return val @ jnp.asarray(weight)
 
     return jax.jit(fn)
 
@@ -157,8 +216,10 @@ class PSFModel:
         Provenance and fit statistics (written to the file).
     """
 
-    def __init__(self, model, coef, bounds, *, degree=0, cov=None, integration=None, image_shape=None, meta=None):
+    def __init__(self, model, coef, bounds, *, degree=0, cov=None, integration=None, image_shape=None, meta=None,
+                 residual=None, grid=None, flux_radius=FLUX_RADIUS):
         self.model = get_model(model, integration)
+        self.flux_radius = float(flux_radius or 0.0)
         self.degree = int(degree)
         self.terms = basis_terms(self.degree)
         coef = np.asarray(coef, dtype=np.float64)
@@ -173,6 +234,16 @@ class PSFModel:
         self.cov = None if cov is None else np.asarray(cov, dtype=np.float64).reshape(P, P)
         self.image_shape = None if image_shape is None else tuple(int(v) for v in image_shape)
         self.meta = dict(meta or {})
+        self.residual, self.grid, self.hybrid = None, None, None
+        if residual is not None:
+            self.grid = grid or ResidualGrid()
+            self.residual = np.asarray(residual, dtype=np.float64)
+            n_terms = self.residual.shape[0]
+            if self.residual.ndim != 2 or self.residual.shape[1] != self.grid.size or n_terms > len(self.terms) \
+                    or n_terms not in [len(basis_terms(d)) for d in range(self.degree + 1)]:
+                raise ValueError(f"residual must have shape (n_terms, {self.grid.size}) with the terms of a degree "
+                                 f"<= {self.degree}; got {self.residual.shape}")
+            self.hybrid = Hybrid(self.model, self.grid)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -220,6 +291,41 @@ class PSFModel:
         if not extrapolate:
             u = np.where(self.contains(x, y)[..., None], u, np.nan)
         return u
+
+    @property
+    def profile_model(self):
+        """The profile that renders this PSF: the analytic model, or the hybrid."""
+        return self.hybrid or self.model
+
+    @property
+    def residual_degree(self):
+        return None if self.residual is None else max(px + py for px, py in self.terms[: self.residual.shape[0]])
+
+    def residual_nodes(self, x, y):
+        """Residual surface's node values ``(N, grid.size)`` at image positions (hybrid only)."""
+        T = self.basis(np.ravel(x), np.ravel(y))
+        return T[:, : self.residual.shape[0]] @ self.residual
+
+    def shape_block(self, x, y, u=None):
+        """Internal shape of :attr:`profile_model` per position ``(N, n_shape)``: the analytic
+        shape ``u`` (computed if not given), followed by the residual nodes for a hybrid."""
+        x, y = np.ravel(x), np.ravel(y)
+        u = self.internal(x, y, extrapolate=True) if u is None else u
+        if self.residual is None:
+            return u
+        return np.concatenate([u, self.residual_nodes(x, y)], axis=1)
+
+    def enclosed(self, x, y, radius=None):
+        """Fraction of the unnormalised profile (analytic + residual, total 1) within a
+        circle of ``radius`` [px] (default :attr:`flux_radius`) around a star at (x, y);
+        1 when the radius is 0 (total flux). Arrays in, arrays out."""
+        radius = self.flux_radius if radius is None else float(radius)
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        if radius <= 0:
+            return np.ones(x.shape)
+        block = self.shape_block(x, y)
+        out = _padded(_enclosed_fn(self.model.name, self.grid, radius), block)
+        return out.reshape(x.shape)
 
     def _physical(self, x, y, extrapolate):
         """``(..., n_shape + 3)``: physical shape, fwhm, e1, e2 at the positions."""
@@ -284,9 +390,9 @@ class PSFModel:
 
         The stamp's central pixel ``[ny // 2, nx // 2]`` is the image pixel nearest to
         ``(x, y)`` (see :meth:`stamp_origin`); the star sits at ``(x - x0, y - y0)`` in
-        stamp coordinates. Values are the fraction of a unit total flux falling in each
-        pixel: the stamp sums to the flux enclosed by it (slightly below 1 for a finite
-        stamp). Scalars in: ``(ny, nx)``; arrays of N positions: ``(N, ny, nx)``. NaN
+        stamp coordinates. Values are the fraction of a unit flux falling in each pixel,
+        the flux being that within :attr:`flux_radius` (the file's ``FLUXRAD``; the total
+        for 0): a 17x17 stamp sums to about 1. Scalars in: ``(ny, nx)``; arrays of N positions: ``(N, ny, nx)``. NaN
         outside the region of validity (unless ``extrapolate``). With
         ``return_origin=True`` also returns ``(x0, y0)``.
         """
@@ -296,7 +402,8 @@ class PSFModel:
         xf, yf = x.reshape(-1), y.reshape(-1)
         x0, y0 = self.stamp_origin(xf, yf, (ny, nx))
         u = self.internal(xf, yf, extrapolate=True)
-        img = _padded(_stamp_fn(self.model, ny, nx), xf - x0, yf - y0, u)
+        img = _padded(_stamp_fn(self.profile_model, ny, nx), xf - x0, yf - y0, self.shape_block(xf, yf, u))
+        img = img / self.enclosed(xf, yf)[:, None, None]
         if not extrapolate:
             img = np.where(self.contains(xf, yf)[:, None, None], img, np.nan)
         if scalar:
@@ -324,6 +431,15 @@ class PSFModel:
         hdr["IMAGE"] = str(self.meta.get("image", ""))  # no comment: long paths continue over cards
         hdr["ZPSFVER"] = (str(self.meta.get("ztfpsf_version", __version__)), "ztfpsf version")
         hdr["DATE"] = (str(self.meta.get("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))), "UTC")
+        hdr["FLUXRAD"] = (self.flux_radius, "flux = flux within this radius [px]; 0: total")
+        hdr["RESIDUAL"] = (self.residual is not None, "hybrid: analytic + residual surface")
+        if self.residual is not None:
+            hdr["RESDEG"] = (self.residual_degree, "degree of the residual polynomial")
+            hdr["RESNTERM"] = (self.residual.shape[0], "residual terms: first rows of COEFFS")
+            hdr["RESOVER"] = (self.grid.oversampling, "residual nodes per pixel")
+            hdr["RESRAD"] = (self.grid.radius, "residual nodes out to this radius [px]")
+            hdr["RESN"] = (self.grid.n, "residual nodes per axis")
+            hdr["RESBASIS"] = ("cubic B-spline", "residual surface basis")
         for key, (card, comment) in _HEADER_STATS.items():
             value = self.meta.get(key)
             if value is not None and np.isfinite(value):
@@ -340,6 +456,10 @@ class PSFModel:
         covh = fits.ImageHDU(cov, name="COVAR")
         covh.header["ORDER"] = ("shape-major", "index = k * NTERMS + j")
         hdus.append(covh)
+        if self.residual is not None:
+            rh = fits.ImageHDU(self.residual.reshape(-1, self.grid.n, self.grid.n), name="RESIDUAL")
+            rh.header["BUNIT"] = ("1/px2", "flux per px^2 of a unit-flux star")
+            hdus.append(rh)
         meta = {k: json.dumps(_json_safe(v)) for k, v in self.meta.items()}
         mt = Table({"key": list(meta) or [""], "value": list(meta.values()) or ["null"]})
         hdus.append(fits.table_to_hdu(mt))
@@ -361,10 +481,10 @@ class PSFModel:
                 if "PSFVERS" not in hdr:
                     raise PSFFileError(f"{path}: not a ztfpsf PSF file (no PSFVERS keyword)")
                 version = hdr["PSFVERS"]
-                if version != FORMAT_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise PSFFileError(
                         f"{path}: PSF file format version {version}, but ztfpsf {__version__} reads "
-                        f"version {FORMAT_VERSION}; refit the PSF or read it with the ztfpsf that wrote it "
+                        f"versions {READABLE_VERSIONS}; refit the PSF or read it with the ztfpsf that wrote it "
                         f"({hdr.get('ZPSFVER', 'unknown')})"
                     )
                 names = [h.name for h in hdul]
@@ -382,6 +502,16 @@ class PSFModel:
                             meta[str(k)] = json.loads(v)
                 bounds = tuple(float(hdr[k]) for k in ("XMIN", "XMAX", "YMIN", "YMAX"))
                 image_shape = (int(hdr["IMNY"]), int(hdr["IMNX"])) if "IMNX" in hdr else None
+                flux_radius = float(hdr.get("FLUXRAD", 0.0))  # version 1: total flux
+                residual, grid = None, None
+                if hdr.get("RESIDUAL", False):
+                    if "RESIDUAL" not in names:
+                        raise PSFFileError(f"{path}: hybrid PSF file lacks its RESIDUAL extension")
+                    grid = ResidualGrid(int(hdr["RESOVER"]), int(hdr["RESRAD"]))
+                    cube = np.array(hdul["RESIDUAL"].data, dtype=np.float64)
+                    if cube.ndim != 3 or cube.shape[1:] != (grid.n, grid.n):
+                        raise PSFFileError(f"{path}: RESIDUAL has shape {cube.shape}, expected (n_terms, {grid.n}, {grid.n})")
+                    residual = cube.reshape(cube.shape[0], -1)
         except PSFFileError:
             raise
         except FileNotFoundError:
@@ -399,4 +529,8 @@ class PSFModel:
         if np.all(np.isnan(cov)):
             cov = None
         meta.setdefault("image", hdr.get("IMAGE", ""))
-        return cls(model, coef, bounds, degree=degree, cov=cov, integration=model.integration, image_shape=image_shape, meta=meta)
+        try:
+            return cls(model, coef, bounds, degree=degree, cov=cov, integration=model.integration, image_shape=image_shape,
+                       meta=meta, residual=residual, grid=grid, flux_radius=flux_radius)
+        except ValueError as err:
+            raise PSFFileError(f"{path}: inconsistent PSF file ({err})") from None
