@@ -103,7 +103,8 @@ SKY_BOX, SKY_RADIUS = 41, 10.0
 # machine and stars
 # ----------------------------------------------------------------------------------------
 def machine():
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": model, "cores": cores, "host": platform.node(), "python": platform.python_version(),
             "ztfpsf": ztfpsf.__version__, "jax": ztfpsf._jax.jax.__version__}  # fmt: skip
@@ -114,7 +115,6 @@ class Stars:
     """Stamps and per-star quantities of one set of stars (image coordinates, 0-based)."""
 
     stamps: object  # ztfpsf.stamps.Stamps
-    mag: np.ndarray  # selection magnitude (detection)
     faint: np.ndarray  # True for the 18-19.5 mag reserve-only stars
     sky: np.ndarray | None = None
     sky_rms: np.ndarray | None = None
@@ -124,7 +124,7 @@ class Stars:
     snr: np.ndarray | None = None
 
     def __len__(self):
-        return len(self.mag)
+        return len(self.faint)
 
 
 def _select(exposure, stars, mag_range):
@@ -190,15 +190,14 @@ def load_sample(image, mask, seed, fit_fraction, faint_limit):
         faint = faint[~np.isin(np.asarray(faint["id"]), np.asarray(bright["id"]))]
     xs = [np.asarray(bright["x_init"])[res_idx]] + ([np.asarray(faint["x_init"])] if faint is not None else [])
     ys = [np.asarray(bright["y_init"])[res_idx]] + ([np.asarray(faint["y_init"])] if faint is not None else [])
-    mags = [np.asarray(bright["mag"])[res_idx]] + ([np.asarray(faint["mag"])] if faint is not None else [])
     n_faint = 0 if faint is None else len(faint)
     fit = Stars(
         stamps=cut_stamps(exposure, np.asarray(bright["x_init"])[fit_idx], np.asarray(bright["y_init"])[fit_idx], STAMP, background=background),
-        mag=np.asarray(bright["mag"])[fit_idx], faint=np.zeros(n_fit, bool),
+        faint=np.zeros(n_fit, bool),
     )  # fmt: skip
     reserve = Stars(
         stamps=cut_stamps(exposure, np.concatenate(xs), np.concatenate(ys), STAMP, background=background),
-        mag=np.concatenate(mags), faint=np.r_[np.zeros(len(res_idx), bool), np.ones(n_faint, bool)],
+        faint=np.r_[np.zeros(len(res_idx), bool), np.ones(n_faint, bool)],
     )  # fmt: skip
     reserve.sky, reserve.sky_rms = local_sky(exposure, reserve.stamps.x_init, reserve.stamps.y_init)
     free_fit(reserve, exposure)
@@ -606,8 +605,10 @@ def figures(names, plots, apcor, out_dir, clip_pct=1.0):
                 ax.axhline(apcor[k], color=colour, lw=1, ls="--")
         ax.set_ylim(-0.2, 0.15)
         ax.set_title(name, fontsize=9)
-    for ax in axes[-1]:
-        ax.set_xlabel("PSF mag")
+    for i, ax in enumerate(axes.ravel()[:n]):
+        if i + ncol >= n:  # no panel below: label its axis
+            ax.set_xlabel("PSF mag")
+            ax.tick_params(labelbottom=True)
     for ax in axes[:, 0]:
         ax.set_ylabel("PSF - AP [mag]")
     axes[0, 0].legend(fontsize=7, loc="lower left")

@@ -182,6 +182,31 @@ def test_killed_runs_lose_nothing(tmp_path):
     assert {p.name.split(".")[0] for p in out.iterdir() if p.name != "run_summary.json"} == stems
 
 
+def test_rerun_after_a_kill_in_the_middle_of_writing(tmp_path):
+    """What a kill during a write leaves: temporary files, a new table without its summary
+    (old summary removed first), or an old summary beside a new table. The rerun redoes
+    such an image and cleans up."""
+    from ztfpsf.cli import main
+
+    images = [str(simulate_quadrant(tmp_path / "in", seed=s, size=(300, 300), nstars=300, ccd=3, qid=s)["sciimg"]) for s in (1, 2)]
+    out = tmp_path / "out"
+    args = ["-q", "fit", *images, "--catalog", "auto", "--out", str(out), "--workers", "1", "--mag-range", "12", "19"]
+    assert main(args) == 0
+    a, b = (output_paths(i, out) for i in images)
+    (out / f".{a['stars'].name}.x1y2z3.part").write_bytes(b"PAR1 half a table")
+    (out / ".run_summary.json.k9.part").write_text('{"images": {')
+    a["summary"].unlink()  # killed after the new table, before its summary
+    summary = read_json(b["summary"])
+    summary["run"] = "f" * 32  # an old summary beside a new table
+    b["summary"].write_text(json.dumps(summary))
+    assert not is_done(images[0], out) and not is_done(images[1], out)
+    assert main(args) == 0
+    record = read_json(out / "run_summary.json")
+    assert record["n_ok"] == 2 and record["n_skipped"] == 0
+    assert sorted(_consistent(out, images)) == sorted(images)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 # --------------------------------------------------------------------------------------
 # hostile stamps
 # --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class Flag(IntFlag):
     POOR_FIT = 4096
     OUTSIDE_PSF = 8192
     BLENDED = 16384
+    EXTRAPOLATED = 32768
 
 
 _MEANINGS = {
@@ -47,6 +48,7 @@ _MEANINGS = {
     Flag.SHAPE_UNTRUSTED: "the PSF shape used for this measurement could not be trusted",
     Flag.POOR_FIT: "chi2/dof far above what the PSF model allows (dipole, bad subtraction, blend); values kept",
     Flag.OUTSIDE_PSF: "position outside the PSF model's region of validity; values are NaN",
+    Flag.EXTRAPOLATED: "position outside the convex hull of the stars that fitted the PSF: its spatial polynomial is extrapolated there; values kept",
     Flag.BLENDED: "another source's light shifts the flux by more than half its error (a catalogue neighbour, or a point source in the residual off the centre); values kept",
 }
 

@@ -276,7 +276,7 @@ def photometry(
             cols["x_err"][idx], cols["y_err"][idx] = 0.0, 0.0
         cols["fwhm"][idx] = psf.fwhm(x[idx], y[idx])
         dof[idx] = t["dof"]
-        flags[idx] = t["flags"]
+        flags[idx] = t["flags"] | np.where(psf.supported(x[idx], y[idx]), 0, int(Flag.EXTRAPOLATED))
         cat = _neighbours(neighbours, wcs, zeropoint, x[idx], y[idx], cols["flux"][idx])
         res = {k: cols[k][idx] for k in ("x", "y", "flux", "flux_err", "background", "chi2")}
         flags[idx] |= _judge(psf, np.stack([x0, y0], axis=1), stamps, m, v, saturation, (gain, read_noise, sky),

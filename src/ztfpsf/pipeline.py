@@ -144,17 +144,37 @@ def _fit(stamps, exposure, config, noise):
     from .psf import fit_psf
 
     hybrid = config.psf_model == "hybrid" or (config.psf_model == "auto" and len(stamps) >= HYBRID_MIN_STARS)
-    psf, joint, stats = fit_psf(
-        stamps.data, **common, **kw, mode=config.psf, degree=config.degree, reserve=config.reserve,
-        seed=config.seed, image_shape=exposure.shape, image=str(exposure.path), hybrid=hybrid,
-    )  # fmt: skip
+    degree = _affordable_degree(config, len(stamps))
+    try:
+        psf, joint, stats = fit_psf(
+            stamps.data, **common, **kw, mode=config.psf, degree=degree, reserve=config.reserve,
+            seed=config.seed, image_shape=exposure.shape, image=str(exposure.path), hybrid=hybrid,
+        )  # fmt: skip
+    except ValueError as err:  # too few usable stars even for one shared shape: keep the star fits
+        log.warning("%s: no %s PSF model (%s); the independent star fits are kept", exposure.name, config.psf, err)
+        return table, None, dict(error=str(err), degree_requested=config.degree)
+    stats["degree_requested"] = config.degree
+    if degree != config.degree:
+        log.warning("%s: %d stars: PSF degree lowered from %d to %d", exposure.name, len(stamps), config.degree, degree)
     model = get_model(config.model)
     for name in ("fwhm",) + tuple(n for n in model.shape_names if n != "fwhm"):
         joint[f"star_{name}"] = table[name]
         joint[f"star_{name}_err"] = table[f"{name}_err"]
     joint["star_flags"] = table["flags"]
-    joint.meta.update(table.meta)
+    joint.meta.update({k: v for k, v in table.meta.items() if k not in joint.meta})  # the joint fit's own kept
     return joint, psf, stats
+
+
+def _affordable_degree(config, n_stars):
+    """The polynomial degree of a varying PSF that ``n_stars`` can constrain: at most the
+    configured one, lowered until each coefficient has three stars (as ``fit_psf`` asks)."""
+    if config.psf != "varying":
+        return config.degree
+    n_shape = get_model(config.model).n_shape
+    degree = config.degree
+    while degree > 0 and n_stars < 3 * (degree + 1) * (degree + 2) // 2 * n_shape:
+        degree -= 1
+    return degree
 
 
 def _summary_numbers(table, exposure):

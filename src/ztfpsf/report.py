@@ -115,6 +115,11 @@ def _figure_pngs(run, worst, typical):
 
     t = run.table
     add("PSF over the image", lambda: plot_maps(compute_maps(t, run.psf_model)))
+    if run.psf_model is not None:
+        from .plots.psf import compute_psf, plot_psf
+
+        add("PSF model and its residual surface",
+            lambda: plot_psf(compute_psf(run.psf_model, run.psf_model.meta.get("reserve_by_snr"))))
     add("fit quality", lambda: plot_residuals(compute_residuals(t, run.image, run.mask)))
     if run.history is not None:
         dof = t["dof"] if "dof" in t.colnames else None
@@ -173,7 +178,21 @@ def _psf_section(summary, table):
             pairs.append(("|e|: median (16 – 84 %)", _percentiles(np.hypot(*ell)[ok])))
         ok = _data.fitted_rows(table)
         pairs.append(("chi2/dof: median (16 – 84 %)", _percentiles(_data.chi2_per_dof(table)[ok])))
-    return "<h2>PSF summary</h2>" + _kv(pairs)
+    html_ = "<h2>PSF summary</h2>" + _kv(pairs)
+    stats = s.get("psf_stats") or {}
+    if stats.get("reserve_by_snr"):
+        rows = [(_e(k), _num(v.get("chi2_dof")), _num(v.get("n"))) for k, v in stats["reserve_by_snr"].items()]
+        html_ += (f"<h3>Reserve stars by S/N ({'hybrid' if stats.get('hybrid') else 'analytic'} PSF; "
+                  f"train chi2/dof {_num(stats.get('chi2_dof_train'))}, reserve {_num(stats.get('chi2_dof_reserve'))})</h3>"
+                  + _table(("S/N", "chi2/dof", "stars"), rows))
+    scale = s.get("flux_scale") or {}
+    if scale.get("apcorr") is not None:
+        html_ += "<h3>Flux scale</h3>" + _kv([
+            (f"PSF - {2 * scale['radius']:g} px aperture mag, bright stars (median ± error)",
+             f"{scale['apcorr']:+.4f} ± {scale['apcorr_err']:.4f} ({scale['apcorr_n']} stars)"),
+            ("its slope against magnitude [mag/mag]", f"{scale['apcorr_slope']:+.4f} ± {scale['apcorr_slope_err']:.4f}"),
+            ("header APCOR6", _num(scale.get("header_apcor")))])
+    return html_
 
 
 def _run_section(summary, meta):

@@ -335,7 +335,7 @@ def measure_batch(alerts, *, config=None, gain=None, groups=None, chunk_size=DEF
     groups : :class:`PSFGroups`, optional
         Carried across calls, lets alerts borrow the PSFs of earlier batches' images.
     chunk_size : int
-        Alerts decoded at a time (bounds memory: ~0.2 GB per 4096).
+        Alerts decoded at a time (bounds memory: ~0.1 GB of cutouts per 2048).
 
     Returns
     -------

@@ -29,7 +29,7 @@ def add_arguments(p):
     p.add_argument("paths", nargs="+", metavar="FILE", help="alert files (.avro, .parquet) or directories searched for them")
     p.add_argument("--out", metavar="FILE.parquet", help="write the result table here (Parquet, streamed; .ecsv/.csv/.fits by suffix); default: print it")
     p.add_argument("--gain", type=float, default=None, help="e-/ADU for the sources' Poisson noise (default: ZTF nominal 6.2)")
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=f"alerts decoded and measured at a time (default {DEFAULT_CHUNK}: ~0.2 GB of cutouts)")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=f"alerts decoded and measured at a time (default {DEFAULT_CHUNK}: ~0.1 GB of cutouts)")
     p.add_argument("--workers", type=int, default=1, help="Dask worker processes, one file per task (default 1: this process, all files one stream)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:8786): one file per task")
 

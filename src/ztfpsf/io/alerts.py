@@ -69,8 +69,10 @@ CUTOUTS = {"science": "cutoutScience", "template": "cutoutTemplate", "difference
 ALERT_SUFFIXES = (".avro", ".parquet", ".parq")
 #: Side of a full ZTF cutout [px].
 CUTOUT_SIZE = 63
-#: Alerts per batch of :func:`iter_batches` (decoded cutouts: 0.2 GB per 4096 alerts).
-DEFAULT_CHUNK = 4096
+#: Alerts per batch of :func:`iter_batches`: 0.1 GB of decoded cutouts, and each (N, 63, 63)
+#: stack under glibc's 32 MiB limit for memory it reuses instead of mapping it afresh
+#: (fresh pages cost more than the arithmetic on them).
+DEFAULT_CHUNK = 2048
 
 
 class AlertFileError(ValueError):

@@ -21,6 +21,7 @@ FIGSIZE = {
     "residuals": (14.0, 4.2),
     "loss": (12.0, 4.2),
     "timing": (15.0, 4.4),
+    "psf": (15.0, 4.4),
 }
 
 #: Colour maps: sequential for images and maps, diverging for signed residuals.

@@ -9,6 +9,7 @@ from ..io.results import result_paths
 from . import _data
 from .loss import compute_loss, plot_loss
 from .maps import compute_maps, load_psf_model, plot_maps
+from .psf import compute_psf, plot_psf
 from .residuals import compute_residuals, plot_residuals
 from .stars import plot_stars
 from .timing import compute_timing, plot_timing, read_timings
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 __all__ = ["KINDS", "Run", "load_run", "make_figures", "make_timing_figure"]
 
 #: Figure kinds drawn from a results file.
-KINDS = ("stars", "maps", "residuals", "loss")
+KINDS = ("stars", "maps", "residuals", "loss", "psf")
 
 
 class Run:
@@ -99,6 +100,8 @@ def _draw(kind, run, out_dir, fmt, ids, worst, typical):
     elif kind == "loss":
         dof = run.table["dof"] if "dof" in run.table.colnames else None
         plot_loss(compute_loss({run.table.meta.get("method", "fit"): run.history}, dof=dof), path)
+    elif kind == "psf":
+        plot_psf(compute_psf(run.psf_model, run.psf_model.meta.get("reserve_by_snr")), path)
     return [path]
 
 
@@ -110,7 +113,8 @@ def make_figures(results, *, out_dir=None, kinds=None, image=None, ids=None, wor
     needs the image, ``loss`` a recorded history), and skips the others with a log
     message. A kind asked for by name that cannot be drawn raises ValueError saying why.
     ``out_dir`` defaults to the results file's folder. File names:
-    ``<stem>.star-<id>.png``, ``<stem>.maps.png``, ``<stem>.residuals.png``, ``<stem>.loss.png``.
+    ``<stem>.star-<id>.png``, ``<stem>.maps.png``, ``<stem>.residuals.png``, ``<stem>.loss.png``,
+    ``<stem>.psf.png`` (the PSF model: its stamp, residual surface, reserve stars by S/N).
     """
     run = results if isinstance(results, Run) else load_run(results, image=image, psf=psf, history=history)
     if out_dir is None:
@@ -129,6 +133,8 @@ def make_figures(results, *, out_dir=None, kinds=None, image=None, ids=None, wor
             why = "no stars chosen (ids, worst, typical)"
         elif kind == "loss" and run.history is None:
             why = "no loss history recorded for this run (fit with history to get one)"
+        elif kind == "psf" and run.psf_model is None:
+            why = "no PSF model file beside the results (fit with --psf shared|varying to get one)"
         if why:
             if asked:
                 raise ValueError(why)

@@ -706,7 +706,12 @@ def fit_psf(
 
     meta = dict(image=str(image or ""), ztfpsf_version=__version__, model=m.name, integration=m.integration,
                 mode=mode, degree=degree, noise=noise_mode, n_stars=n)
-    psf = PSFModel(m, coef, bounds, degree=degree, cov=res["cov"], integration=m.integration,
+    cov = res["cov"]
+    if cov is None or not np.all(np.isfinite(cov)):
+        log.warning("joint PSF fit: the coefficients' covariance is singular (stars clustered, or too few for "
+                    "degree %d); shape errors are NaN", degree)
+        cov = None
+    psf = PSFModel(m, coef, bounds, degree=degree, cov=cov, support=_hull(xs[used], ys[used]), integration=m.integration,
                    image_shape=image_shape, meta=meta, residual=rho,
                    grid=None if rho is None else ropts.grid)
     start = dict(x=xs if x_init is None else _per_star("x_init", x_init, n),
@@ -723,7 +728,7 @@ def fit_psf(
         hybrid=rho is not None, reserve_by_snr=reserve_by_snr(table, score),
         model=m.name, mode=mode, degree=degree, n_stars=n, n_fit=int(used.sum()), n_reserve=int(reserved.sum()),
         n_outlier=int(left_out.sum()), n_excluded=int(n - n_cand), chi2_dof_train=chi2_train,
-        chi2_dof_reserve=chi2_res, converged=converged, n_iter=n_iter, rounds=rounds,
+        chi2_dof_reserve=chi2_res, converged=converged, n_iter=n_iter, rounds=rounds, covariance_ok=cov is not None,
         fwhm_median=float(np.median(table["fwhm"][used])) if used.any() else np.nan,
     )
     psf.meta.update({k: stats[k] for k in ("n_fit", "n_reserve", "n_outlier", "chi2_dof_train", "chi2_dof_reserve", "reserve_by_snr")})
@@ -746,6 +751,20 @@ def reserve_by_snr(table, score):
         key = f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">{lo:g}"
         out[key] = dict(n=int(sel.sum()), chi2_dof=float(np.sum(table["chi2"][sel]) / dof) if dof > 0 else None)
     return out
+
+
+def _hull(x, y):
+    """Vertices ``(M, 2)`` of the convex hull of the points, or None (fewer than 3, collinear)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    pts = np.column_stack([x, y])
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    if len(pts) < 3:
+        return None
+    try:
+        return pts[ConvexHull(pts).vertices]
+    except QhullError:
+        return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -840,6 +859,8 @@ def _result_table(m, psf, res, start, origin, flags, cand, used, reserved, left_
         flags[np.hypot(val["x"] - start["x"], val["y"] - start["y"]) > max_shift] |= int(Flag.CENTER_SHIFT)
     flags[reserved] |= int(Flag.RESERVED)
     flags[left_out] |= int(Flag.OUTLIER)
+    with np.errstate(invalid="ignore"):
+        flags[cand & np.isfinite(val["x"]) & ~psf.supported(np.nan_to_num(val["x"]), np.nan_to_num(val["y"]))] |= int(Flag.EXTRAPOLATED)
     bad = (flags & int(BAD)) != 0
     for name in ("flux", "x", "y", "background"):
         val[name][bad] = err[name][bad] = np.nan

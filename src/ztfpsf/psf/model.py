@@ -24,7 +24,9 @@ coefficient of that term. Internal parameters at a position are
 ``sum_j coef[j] * P_px[j](xn) * P_py[j](yn)`` with ``xn = 2 (x - XMIN)/(XMAX - XMIN) - 1``.
 HDU ``COVAR`` (image): covariance of the coefficients, shape-parameter-major (index
 ``k * NTERMS + j`` for shape parameter ``k`` and term ``j``).
-HDU ``META`` (table ``key, value``): the full provenance as JSON values.
+HDU ``META`` (table ``key, value``): the full provenance as JSON values; ``support``: the
+vertices of the convex hull of the stars that fitted the PSF (outside it the polynomial is
+extrapolated: flag ``EXTRAPOLATED``).
 
 Format version 2 adds the flux scale and the hybrid PSF's pixel part (version 1 files are
 still read: no residual, flux = the profile's total flux):
@@ -217,8 +219,9 @@ class PSFModel:
     """
 
     def __init__(self, model, coef, bounds, *, degree=0, cov=None, integration=None, image_shape=None, meta=None,
-                 residual=None, grid=None, flux_radius=FLUX_RADIUS):
+                 residual=None, grid=None, flux_radius=FLUX_RADIUS, support=None):
         self.model = get_model(model, integration)
+        self.support = None if support is None else np.asarray(support, dtype=np.float64).reshape(-1, 2)
         self.flux_radius = float(flux_radius or 0.0)
         self.degree = int(degree)
         self.terms = basis_terms(self.degree)
@@ -278,6 +281,17 @@ class PSFModel:
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         xmin, xmax, ymin, ymax = self.bounds
         return (x >= xmin) & (x <= xmax) & (y >= ymin) & (y <= ymax)
+
+    def supported(self, x, y):
+        """True where ``(x, y)`` lies inside the convex hull of the stars that fitted the
+        PSF (:attr:`support`, its vertices); everywhere when no hull is known."""
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        if self.support is None or len(self.support) < 3:
+            return np.ones(x.shape, bool)
+        from matplotlib.path import Path
+
+        inside = Path(self.support).contains_points(np.column_stack([x.ravel(), y.ravel()]), radius=1e-9)
+        return inside.reshape(x.shape)
 
     def basis(self, x, y):
         """Legendre basis ``(..., n_terms)`` at image positions."""
@@ -460,7 +474,10 @@ class PSFModel:
             rh = fits.ImageHDU(self.residual.reshape(-1, self.grid.n, self.grid.n), name="RESIDUAL")
             rh.header["BUNIT"] = ("1/px2", "flux per px^2 of a unit-flux star")
             hdus.append(rh)
-        meta = {k: json.dumps(_json_safe(v)) for k, v in self.meta.items()}
+        meta = dict(self.meta)
+        if self.support is not None:
+            meta["support"] = self.support
+        meta = {k: json.dumps(_json_safe(v)) for k, v in meta.items()}
         mt = Table({"key": list(meta) or [""], "value": list(meta.values()) or ["null"]})
         hdus.append(fits.table_to_hdu(mt))
         hdus[-1].name = "META"
@@ -530,7 +547,8 @@ class PSFModel:
             cov = None
         meta.setdefault("image", hdr.get("IMAGE", ""))
         try:
+            support = meta.pop("support", None)
             return cls(model, coef, bounds, degree=degree, cov=cov, integration=model.integration, image_shape=image_shape,
-                       meta=meta, residual=residual, grid=grid, flux_radius=flux_radius)
+                       meta=meta, residual=residual, grid=grid, flux_radius=flux_radius, support=support)
         except ValueError as err:
             raise PSFFileError(f"{path}: inconsistent PSF file ({err})") from None
