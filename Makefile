@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_fit.py
+
+# The study's real ZTF quadrant (sciimg + mskimg, 57 MB) from the ztfimg sdist on the
+# package index, sha256-checked, cached in ~/.cache/ztfpsf/data (ZTFPSF_DATA_DIR).
+data: install
+	$(PY) -m ztfpsf.datasets
 
 clean:
 	rm -rf $(VENV) ztfpsf-demo .pytest_cache

@@ -79,7 +79,6 @@ def test_fits_are_right_where_the_host_left_x64_off():
     assert ok > 0.99 and 0.85 < pull < 1.15 and np.isfinite(flux) and x64 is False
 
 
-@pytest.mark.xfail(strict=True, reason="psf/joint.py's fit_psf needs @with_x64 (the lead's file): then remove this mark")
 def test_joint_fit_where_the_host_left_x64_off():
     _python("""
         import warnings

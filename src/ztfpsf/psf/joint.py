@@ -46,8 +46,9 @@ from astropy.table import Table
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import __version__
+from .._jax import with_x64
 from ..fitting import linalg
-from ..fitting.api import _per_star, border_variance, value_columns
+from ..fitting.api import _per_star, border_variance, check_variance, value_columns
 from ..fitting.api import noise_mode as noise_mode_of
 from ..fitting.batching import select_devices
 from ..fitting.lm import lm_solve
@@ -504,6 +505,7 @@ def _bounds(image_shape, origin, stamp_shape):
     )
 
 
+@with_x64
 def fit_psf(
     data,
     *,
@@ -626,6 +628,7 @@ def fit_psf(
     devices = select_devices(backend)
 
     # pixels and noise
+    check_variance(data, variance, mask, None if saturation is None else np.broadcast_to(np.asarray(saturation, np.float64), (n,)))
     valid, flags_px = usable_pixels(data, mask, saturation, variance)
     noise_mode, noise = noise_mode_of(variance, gain, read_noise, sky, n)
     if noise_mode == "border":
@@ -773,7 +776,7 @@ def _residual_program(core, ropts):
 
 
 def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, train, cand, outlier, clip,
-                  max_clip_fraction, devices, rounds, tol_rounds=2e-3):
+                  max_clip_fraction, devices, rounds, tol_rounds=5e-3):
     """The hybrid PSF: the residual surface and the analytic part fitted in turn.
 
     Each round solves the residual surface (a linear problem: stars' flux, position and

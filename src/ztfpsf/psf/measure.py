@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
+from .._jax import with_x64
 from ..fitting import linalg
 from ..fitting.batching import run_chunked
 from ..fitting.lm import lm_solve
@@ -125,6 +126,7 @@ def usable_pixels(data, mask=None, saturation=None, variance=None):
     return valid, flags
 
 
+@with_x64
 def measure_stamps(psf, data, origin, x, y, *, mask=None, variance=None, gain=None, read_noise=None, sky=0.0,
                    saturation=None, fit_position=False, max_shift=2.0, dtype="float32", backend="auto", chunk=None):
     """Measure stars with ``psf`` (a :class:`~ztfpsf.psf.PSFModel`, analytic or hybrid) held
@@ -136,13 +138,14 @@ def measure_stamps(psf, data, origin, x, y, *, mask=None, variance=None, gain=No
     Returns a dict of columns in image coordinates (``flux`` on the PSF's flux scale:
     within its ``flux_radius``), ``chi2``, ``dof``, ``n_iter`` and ``flags`` (BAD rows NaN).
     """
-    from ..fitting.api import border_variance, noise_mode
+    from ..fitting.api import border_variance, check_variance, noise_mode
     from ..fitting.batching import select_devices
 
     n = data.shape[0]
     dtype = np.dtype(dtype)
     data = np.asarray(data, np.float64)
     variance = None if variance is None else np.broadcast_to(np.asarray(variance, np.float64), data.shape)
+    check_variance(data, variance, mask, None if saturation is None else np.broadcast_to(np.asarray(saturation, np.float64), (n,)))
     valid, flags = usable_pixels(data, mask, saturation, variance)
     mode, noise = noise_mode(variance, gain, read_noise, sky, n)
     if mode == "border":

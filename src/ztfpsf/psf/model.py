@@ -63,6 +63,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .. import __version__
+from .._jax import with_x64
+from ..io.results import atomic_write
 from ..models import get_model
 from .basis import basis_terms, legendre_basis, normalise
 from .residual import Hybrid, ResidualGrid
@@ -250,6 +252,7 @@ class PSFModel:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
+    @with_x64
     def constant(cls, model, shape, bounds, *, integration=None, **kwargs):
         """A PSF with one physical shape everywhere, e.g. ``{'fwhm': 2.1, 'alpha': 3.0}``."""
         m = get_model(model, integration)
@@ -329,6 +332,7 @@ class PSFModel:
             return u
         return np.concatenate([u, self.residual_nodes(x, y)], axis=1)
 
+    @with_x64
     def enclosed(self, x, y, radius=None):
         """Fraction of the unnormalised profile (analytic + residual, total 1) within a
         circle of ``radius`` [px] (default :attr:`flux_radius`) around a star at (x, y);
@@ -341,6 +345,7 @@ class PSFModel:
         out = _padded(_enclosed_fn(self.model.name, self.grid, radius), block)
         return out.reshape(x.shape)
 
+    @with_x64
     def _physical(self, x, y, extrapolate):
         """``(..., n_shape + 3)``: physical shape, fwhm, e1, e2 at the positions."""
         u = self.internal(x, y, extrapolate)
@@ -355,6 +360,7 @@ class PSFModel:
         p = self._physical(x, y, extrapolate)
         return {name: p[..., k] for k, name in enumerate(self.model.shape_names)}
 
+    @with_x64
     def shape_err(self, x, y, extrapolate=False):
         """1-sigma errors of the physical shape parameters (and ``fwhm``) at ``(x, y)``,
         propagated from the coefficients' covariance (NaN without one)."""
@@ -399,6 +405,7 @@ class PSFModel:
         ny, nx = shape
         return stamp_origin(x, 0.0, nx)[0], stamp_origin(0.0, y, ny)[1]
 
+    @with_x64
     def stamp(self, x, y, shape=(17, 17), return_origin=False, extrapolate=False):
         """Normalised, pixel-integrated PSF image of a star at ``(x, y)`` (sub-pixel).
 
@@ -483,9 +490,7 @@ class PSFModel:
         hdus[-1].name = "META"
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists (pass overwrite=True)")
-        tmp = path + ".tmp"
-        fits.HDUList(hdus).writeto(tmp, overwrite=True)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        atomic_write(path, lambda tmp: fits.HDUList(hdus).writeto(tmp))  # a reader never sees half a file
         return path
 
     @classmethod

@@ -136,7 +136,8 @@ class ResidualGrid:
         v0 = jnp.concatenate([jnp.zeros(2), jnp.asarray(u, jnp.float64)])
         D = jnp.concatenate([prof(v0)[..., None], jax.jacfwd(prof)(v0)], axis=-1)  # (ny, nx, 3 + n_shape)
         b = np.asarray(self.point_basis(jnp.asarray(t)))  # (points, n)
-        return np.einsum("ak,abs,bj->skj", b, np.asarray(D), b).reshape(D.shape[-1], self.size) * step * step
+        along_x = np.einsum("abs,bj->asj", np.asarray(D), b)  # one axis at a time: two small products
+        return np.einsum("ak,asj->skj", b, along_x).reshape(D.shape[-1], self.size) * step * step
 
     def smoothness(self):
         """``(m, size)``: second differences along x and y (the roughness penalty)."""
