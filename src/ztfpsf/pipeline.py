@@ -146,8 +146,10 @@ def _fit(stamps, exposure, config, noise):
     hybrid = config.psf_model == "hybrid" or (config.psf_model == "auto" and len(stamps) >= HYBRID_MIN_STARS)
     degree = _affordable_degree(config, len(stamps))
     try:
+        # float64: in float32 the joint fit of the real ZTF quadrant (stars the Moffat misfits
+        # at chi2/dof ~10) lost its convergence and most stars; simulations fit either way
         psf, joint, stats = fit_psf(
-            stamps.data, **common, **kw, mode=config.psf, degree=degree, reserve=config.reserve,
+            stamps.data, **common, **{**kw, "dtype": "float64"}, mode=config.psf, degree=degree, reserve=config.reserve,
             seed=config.seed, image_shape=exposure.shape, image=str(exposure.path), hybrid=hybrid,
         )  # fmt: skip
     except ValueError as err:  # too few usable stars even for one shared shape: keep the star fits

@@ -714,7 +714,7 @@ def fit_psf(
         log.warning("joint PSF fit: the coefficients' covariance is singular (stars clustered, or too few for "
                     "degree %d); shape errors are NaN", degree)
         cov = None
-    psf = PSFModel(m, coef, bounds, degree=degree, cov=cov, support=_hull(xs[used], ys[used]), integration=m.integration,
+    psf = PSFModel(m, coef, bounds, degree=degree, cov=cov, support=_hull(res["local"][used, 1] + origin[used, 0], res["local"][used, 2] + origin[used, 1]), integration=m.integration,
                    image_shape=image_shape, meta=meta, residual=rho,
                    grid=None if rho is None else ropts.grid)
     start = dict(x=xs if x_init is None else _per_star("x_init", x_init, n),

@@ -286,14 +286,17 @@ class PSFModel:
         return (x >= xmin) & (x <= xmax) & (y >= ymin) & (y <= ymax)
 
     def supported(self, x, y):
-        """True where ``(x, y)`` lies inside the convex hull of the stars that fitted the
-        PSF (:attr:`support`, its vertices); everywhere when no hull is known."""
+        """True where ``(x, y)`` lies inside (or within 1 px of) the convex hull of the stars
+        that fitted the PSF (:attr:`support`, its vertices); everywhere when none is known."""
         x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
         if self.support is None or len(self.support) < 3:
             return np.ones(x.shape, bool)
         from matplotlib.path import Path
 
-        inside = Path(self.support).contains_points(np.column_stack([x.ravel(), y.ravel()]), radius=1e-9)
+        path, pts = Path(self.support), np.column_stack([x.ravel(), y.ravel()])
+        # within 1 px of the hull counts (the sign of the radius that widens it follows the
+        # vertices' orientation: take both)
+        inside = path.contains_points(pts, radius=1.0) | path.contains_points(pts, radius=-1.0)
         return inside.reshape(x.shape)
 
     def basis(self, x, y):
