@@ -34,6 +34,7 @@ def run(args):
     from ..io.results import read_parquet
     from ..pipeline import output_paths, process_image
     from ..psf import PSFModel
+    from ..psf.model import profile_enclosed
     from ..simulate import VaryingPSF, simulate_quadrant
 
     out = Path(args.out)
@@ -51,6 +52,9 @@ def run(args):
     true_psf = VaryingPSF.from_dict(truth.meta["psf"])
     truth.meta.clear()
     stars = join(read_parquet(paths["stars"]), truth, keys="id", table_names=["fit", "true"])
+    # a PSF flux is the flux within the PSF's flux radius (7 px): the truth's, likewise
+    true_shape = {k: np.asarray(stars[f"{k}_true"]) for k in ("fwhm", "alpha", "e1", "e2")}
+    stars["flux_true"] = stars["flux_true"] * profile_enclosed("elliptical_moffat", true_shape)
     ok = stars["flags"] == 0
     psf = PSFModel.read(paths["psf"])
     x, y = np.asarray(stars["x_fit"]), np.asarray(stars["y_fit"])

@@ -71,7 +71,7 @@ from .residual import Hybrid, ResidualGrid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PSFModel", "PSFFileError", "FORMAT_VERSION", "READABLE_VERSIONS", "FLUX_RADIUS", "INTERNAL_NAMES"]
+__all__ = ["PSFModel", "PSFFileError", "profile_enclosed", "FORMAT_VERSION", "READABLE_VERSIONS", "FLUX_RADIUS", "INTERNAL_NAMES"]
 
 #: Version of the PSF file layout written by this module; read() refuses others.
 FORMAT_VERSION = 2
@@ -195,6 +195,16 @@ def _enclosed_fn(name, grid, radius, n_r=96, n_t=64):
         return val @ jnp.asarray(weight)
 
     return jax.jit(fn)
+
+
+@with_x64
+def profile_enclosed(model, shape, radius=FLUX_RADIUS):
+    """Fraction of an analytic profile's total flux within ``radius`` [px] of its centre,
+    for physical shapes ``{'fwhm': array, 'alpha': array, ...}`` (e.g. a simulation's truth)."""
+    m = get_model(model)
+    u = m.shape_to_internal(tuple(jnp.asarray(np.atleast_1d(shape[k]), jnp.float64) for k in m.shape_names))
+    block = np.stack([np.asarray(v, dtype=np.float64) for v in np.broadcast_arrays(*u)], axis=1)
+    return _padded(_enclosed_fn(m.name, None, float(radius)), block)
 
 
 class PSFModel:
