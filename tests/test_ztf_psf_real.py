@@ -25,7 +25,8 @@ def runs(tmp_path_factory):
     for kind in ("analytic", "hybrid"):
         folder = tmp_path_factory.mktemp(kind)
         process_image(CUT, FitConfig(psf="shared", psf_model=kind), folder)
-        out[kind] = (json.loads((folder / f"{STEM}.summary.json").read_text()), PSFModel.read(folder / f"{STEM}.psf.fits"))
+        out[kind] = (json.loads((folder / f"{STEM}.summary.json").read_text()), PSFModel.read(folder / f"{STEM}.psf.fits"),
+                     folder)
     return out
 
 
@@ -40,7 +41,7 @@ def test_hybrid_fits_real_stars_near_their_noise(runs):
 
 
 def test_flux_scale_matches_the_14px_aperture(runs):
-    summary, psf = runs["hybrid"]
+    summary, psf, _ = runs["hybrid"]
     scale = summary["flux_scale"]
     assert psf.flux_radius == 7.0 and scale["radius"] == 7.0
     assert scale["apcorr_n"] >= 20
@@ -64,7 +65,7 @@ def test_psf_figure_shows_the_real_residual_surface(runs, tmp_path):
     from ztfpsf.plots import _style
     from ztfpsf.plots.psf import compute_psf, plot_psf
 
-    summary, psf = runs["hybrid"]
+    summary, psf, _ = runs["hybrid"]
     values = compute_psf(psf, summary["psf_stats"]["reserve_by_snr"])
     # the real stars' departure from the Moffat: percents of the peak, both signs
     assert values["surface"].max() > 0.5 and values["surface"].min() < -0.5
@@ -73,3 +74,19 @@ def test_psf_figure_shows_the_real_residual_surface(runs, tmp_path):
     assert Image.open(path).size == _style.pixel_size("psf")
     analytic = compute_psf(runs["analytic"][1])
     assert analytic["surface"] is None
+
+
+def test_figures_render_each_star_with_the_runs_psf(runs):
+    """The residual stack of a hybrid run, drawn with its PSF file (surface and flux scale
+    included), is flatter than the same table re-rendered as a bare Moffat."""
+    from ztfpsf.plots.make import load_run
+    from ztfpsf.plots.residuals import compute_residuals
+
+    run = load_run(runs["hybrid"][2] / f"{STEM}.stars.parquet")
+    assert run.psf_model is not None and run.table.meta["psf"] == "shared"
+    assert np.all(np.asarray(run.table["read_noise"]) > 9.0)  # the measured sky's effective read noise
+    with_psf = compute_residuals(run.table, run.image, run.mask, psf=run.psf_model)
+    bare = compute_residuals(run.table, run.image, run.mask)
+    worst = lambda v: np.nanmax(np.abs(v["mean_by_flux"]))
+    assert worst(with_psf) < 0.5 * worst(bare)
+    assert worst(with_psf) < 0.01  # mean residual within 1 % of the flux per pixel

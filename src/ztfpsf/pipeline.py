@@ -219,6 +219,7 @@ def _metadata(exposure, config, noise_desc, source, fit_meta):
         "options": dict(config.to_dict(), bad_bits=list(config.bad_bits), sky=0.0),
         "coordinates": "0-based pixel coordinates, pixel centres at integers",
         "errors": fit_meta.get("errors"),
+        "psf": fit_meta.get("psf", "independent"),  # what the table's rows were measured with
     }
 
 
@@ -264,6 +265,9 @@ def process_image(path, config=None, out_dir=".", **options):
         fit, psf, psf_stats = _fit(stamps, exposure, config, noise)
         fit["flags"] = np.asarray(fit["flags"]) | np.where(stamps.off_image, int(Flag.OFF_IMAGE), 0)
         history = fit.meta.pop("loss_history", None)
+        fit.meta["psf"] = config.psf if psf is not None else "independent"
+        if np.ndim(noise.get("read_noise")) == 1:  # the measured sky: each star's effective read noise [e-]
+            fit["read_noise"] = np.asarray(noise["read_noise"], dtype=np.float64)
         if psf is not None:
             flux_scale = aperture_check(exposure.data, fit, psf.flux_radius, mask=exposure.mask,
                                         header_apcor=exposure.header.get("APCOR6"))

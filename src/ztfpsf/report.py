@@ -120,13 +120,13 @@ def _figure_pngs(run, worst, typical):
 
         add("PSF model and its residual surface",
             lambda: plot_psf(compute_psf(run.psf_model, run.psf_model.meta.get("reserve_by_snr"))))
-    add("fit quality", lambda: plot_residuals(compute_residuals(t, run.image, run.mask)))
+    add("fit quality", lambda: plot_residuals(compute_residuals(t, run.image, run.mask, psf=run.psf_model)))
     if run.history is not None:
         dof = t["dof"] if "dof" in t.colnames else None
         add("loss curves", lambda: plot_loss(compute_loss({t.meta.get("method", "fit"): run.history}, dof=dof)))
     if run.image is not None:
         rows = select_stars(t, worst=worst, typical=typical)
-        for star in compute_stars(t, run.image, rows, mask=run.mask):
+        for star in compute_stars(t, run.image, rows, mask=run.mask, psf=run.psf_model):
             add(f"{star['reason']} star {star['id']}", lambda s=star: plot_star(s))
     else:
         problems.append(f"per-star figures: {run.image_error}")

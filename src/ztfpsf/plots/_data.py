@@ -144,11 +144,31 @@ def cut_stamps(image, origins, size, mask=None):
     return cut(image, origins[:, 0], origins[:, 1], size)
 
 
-def stamps_and_models(table, image, mask=None):
-    """Stamp origins, data stamps cut from the image and re-rendered model stamps of the rows."""
+def stamps_and_models(table, image, mask=None, psf=None):
+    """Stamp origins, data stamps cut from the image and re-rendered model stamps of the rows.
+
+    ``psf``: the run's PSF model (``<stem>.psf.fits``); a table measured with it (``--psf
+    shared|varying``) is rendered with it, residual surface and flux scale included."""
     size = int(table.meta.get("stamp_size", DEFAULT_STAMP_SIZE))
     origins = stamp_origins(table, size)
-    return origins, cut_stamps(image, origins, size, mask), render_models(table, origins, size)
+    if psf is not None and table.meta.get("psf") in ("shared", "varying"):
+        models = render_with_psf(table, psf, origins, size)
+    else:
+        models = render_models(table, origins, size)
+    return origins, cut_stamps(image, origins, size, mask), models
+
+
+def render_with_psf(table, psf, origins, size):
+    """Model stamps ``flux * PSF + background`` with the PSF model the table was measured
+    with (its flux is the flux within the PSF's flux radius); NaN rows stay NaN."""
+    col = lambda name: np.asarray(table[name], dtype=np.float64)
+    x, y = col("x"), col("y")
+    ok = np.isfinite(x) & np.isfinite(y)
+    out = np.full((len(table), size, size), np.nan)
+    if ok.any():
+        unit = psf.render(x[ok], y[ok], origins[ok], (size, size))
+        out[ok] = unit * col("flux")[ok, None, None] + col("background")[ok, None, None]
+    return out
 
 
 @with_x64  # the fit's values, rendered in float64 whatever the host's JAX setting
@@ -176,16 +196,20 @@ def render_models(table, origins, size):
     return np.asarray(img, dtype=np.float64)
 
 
-def noise_sigma(model, residual, meta):
+def noise_sigma(model, residual, meta, read_noise=None):
     """Per-pixel noise sigma [ADU] of stamps, and how it was obtained.
 
     With ``gain`` [e-/ADU] (and ``read_noise`` [e-]) in the metadata: the fit's own noise
-    model, ``sqrt(model/gain + sky/gain + (read_noise/gain)**2)``. Without: each stamp's
-    robust residual scatter (1.4826 MAD), constant over the stamp.
+    model, ``sqrt(model/gain + sky/gain + (read_noise/gain)**2)``; ``read_noise`` (per
+    row, the table's ``read_noise`` column) is the effective read noise the fit used with
+    the measured sky noise. Without: each stamp's robust residual scatter (1.4826 MAD),
+    constant over the stamp.
     """
     gain = meta.get("gain")
     if gain:
         rn = meta.get("read_noise") or 0.0
+        if read_noise is not None:
+            rn = np.asarray(read_noise, dtype=np.float64)[:, None, None]
         sky = (meta.get("options") or {}).get("sky", meta.get("sky")) or 0.0
         var = np.clip(model, 0.0, None) / gain + sky / gain + (rn / gain) ** 2
         return np.sqrt(var), "noise model (gain, read noise)"

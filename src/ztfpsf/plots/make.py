@@ -91,12 +91,13 @@ def _optional(read, *args):
 def _draw(kind, run, out_dir, fmt, ids, worst, typical):
     stem = run.stem
     if kind == "stars":
-        return plot_stars(run.table, run.image, out_dir, stem, ids=ids, worst=worst, typical=typical, mask=run.mask, fmt=fmt)
+        return plot_stars(run.table, run.image, out_dir, stem, ids=ids, worst=worst, typical=typical, mask=run.mask, fmt=fmt,
+                          psf=run.psf_model)
     path = Path(out_dir) / f"{stem}.{kind}.{fmt}"
     if kind == "maps":
         plot_maps(compute_maps(run.table, run.psf_model), path)
     elif kind == "residuals":
-        plot_residuals(compute_residuals(run.table, run.image, run.mask), path)
+        plot_residuals(compute_residuals(run.table, run.image, run.mask, psf=run.psf_model), path)
     elif kind == "loss":
         dof = run.table["dof"] if "dof" in run.table.colnames else None
         plot_loss(compute_loss({run.table.meta.get("method", "fit"): run.history}, dof=dof), path)

@@ -27,15 +27,15 @@ def chi2_bins(values, n=40):
     return np.geomspace(lo, hi * (1 + 1e-9), n + 1)
 
 
-def _stack(table, image, mask):
+def _stack(table, image, mask, psf=None):
     """Mean over fitted stars of (data - model) / flux and of (data - model) / sigma."""
     rows = np.nonzero(fitted_rows(table) & np.isfinite(np.asarray(table["fwhm"], float)))[0]
     if rows.size == 0:
         return None, None, 0
     sub = table[rows]
-    _, data, model = stamps_and_models(sub, image, mask)
+    _, data, model = stamps_and_models(sub, image, mask, psf)
     resid = data - model
-    sigma, _ = noise_sigma(model, resid, table.meta)
+    sigma, _ = noise_sigma(model, resid, table.meta, sub["read_noise"] if "read_noise" in sub.colnames else None)
     flux = np.asarray(sub["flux"], float)[:, None, None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -73,7 +73,7 @@ def _mag_residuals(table):
     }
 
 
-def compute_residuals(table, image=None, mask=None, bins=None):
+def compute_residuals(table, image=None, mask=None, bins=None, psf=None):
     """Values of the residuals figure.
 
     ``mean_by_flux`` / ``mean_by_sigma``: mean over fitted stars of ``(data - model) /
@@ -90,7 +90,7 @@ def compute_residuals(table, image=None, mask=None, bins=None):
     by_flux = by_sigma = None
     n = 0
     if image is not None:
-        by_flux, by_sigma, n = _stack(table, image, mask)
+        by_flux, by_sigma, n = _stack(table, image, mask, psf)
     return {
         "mean_by_flux": by_flux,
         "mean_by_sigma": by_sigma,

@@ -55,7 +55,7 @@ def select_stars(table, ids=None, worst=0, typical=0):
     return out
 
 
-def compute_stars(table, image, rows, mask=None):
+def compute_stars(table, image, rows, mask=None, psf=None):
     """Arrays of the per-star figure for the given rows (list of indices or ``(index, reason)``).
 
     Each star is a dict: ``row, id, reason, origin`` (image x, y of stamp pixel [0, 0]),
@@ -68,9 +68,9 @@ def compute_stars(table, image, rows, mask=None):
         return []
     index = np.array([int(r) for r, _ in rows])
     sub = table[index]
-    origins, data, model = stamps_and_models(sub, image, mask)
+    origins, data, model = stamps_and_models(sub, image, mask, psf)
     residual = data - model
-    sigma, how = noise_sigma(model, residual, table.meta)
+    sigma, how = noise_sigma(model, residual, table.meta, sub["read_noise"] if "read_noise" in sub.colnames else None)
     saturation = table.meta.get("saturation")
     used = np.isfinite(data) & (data < saturation if saturation else True)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -201,12 +201,12 @@ def _surface(ax, data, model, x0, y0):
     ax.legend(loc="upper left", fontsize=7)
 
 
-def plot_stars(table, image, out_dir, stem, *, ids=None, worst=0, typical=0, mask=None, fmt="png"):
+def plot_stars(table, image, out_dir, stem, *, ids=None, worst=0, typical=0, mask=None, fmt="png", psf=None):
     """One figure per chosen star, ``<out_dir>/<stem>.star-<id>.<fmt>``. Returns the paths."""
     from tqdm.auto import tqdm
 
     rows = select_stars(table, ids=ids, worst=worst, typical=typical)
-    stars = compute_stars(table, image, rows, mask=mask)
+    stars = compute_stars(table, image, rows, mask=mask, psf=psf)
     paths = []
     for star in tqdm(stars, desc="star figures", unit="star", disable=len(stars) < 20, leave=False):
         path = Path(out_dir) / f"{stem}.star-{star['id']}.{fmt}"

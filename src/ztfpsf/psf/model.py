@@ -419,6 +419,17 @@ class PSFModel:
         return stamp_origin(x, 0.0, nx)[0], stamp_origin(0.0, y, ny)[1]
 
     @with_x64
+    def render(self, x, y, origin, shape=(17, 17)):
+        """Unit-flux, pixel-integrated stamps ``(N, ny, nx)`` of stars at image positions
+        ``x, y`` (N,) on stamps whose pixel [0, 0] is at image ``origin (N, 2)`` (any
+        origin: a figure's stamp, a cutout). Extrapolates outside the region."""
+        ny, nx = (int(shape), int(shape)) if np.ndim(shape) == 0 else (int(shape[0]), int(shape[1]))
+        xf, yf = np.ravel(np.asarray(x, np.float64)), np.ravel(np.asarray(y, np.float64))
+        origin = np.asarray(origin, np.float64).reshape(-1, 2)
+        img = _padded(_stamp_fn(self.profile_model, ny, nx), xf - origin[:, 0], yf - origin[:, 1], self.shape_block(xf, yf))
+        return img / self.enclosed(xf, yf)[:, None, None]
+
+    @with_x64
     def stamp(self, x, y, shape=(17, 17), return_origin=False, extrapolate=False):
         """Normalised, pixel-integrated PSF image of a star at ``(x, y)`` (sub-pixel).
 
@@ -435,9 +446,7 @@ class PSFModel:
         scalar = x.ndim == 0
         xf, yf = x.reshape(-1), y.reshape(-1)
         x0, y0 = self.stamp_origin(xf, yf, (ny, nx))
-        u = self.internal(xf, yf, extrapolate=True)
-        img = _padded(_stamp_fn(self.profile_model, ny, nx), xf - x0, yf - y0, self.shape_block(xf, yf, u))
-        img = img / self.enclosed(xf, yf)[:, None, None]
+        img = self.render(xf, yf, np.column_stack([x0, y0]), (ny, nx))
         if not extrapolate:
             img = np.where(self.contains(xf, yf)[:, None, None], img, np.nan)
         if scalar:
@@ -554,7 +563,7 @@ class PSFModel:
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise PSFFileError(f"{path}: unreadable PSF file ({err})") from None
         internal = INTERNAL_NAMES[model.name]
-        missing = [n for n in internal if n not in coeffs.colnames]
+        missing = [n for n in ("px", "py", *internal) if n not in coeffs.colnames]
         if missing:
             raise PSFFileError(f"{path}: COEFFS table lacks columns {missing} of the {model.name} model")
         terms = list(zip(coeffs["px"].tolist(), coeffs["py"].tolist()))
