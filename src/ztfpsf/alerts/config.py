@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..io.alerts import CUTOUT_SIZE  # noqa: F401  (re-exported: the frame size)
+from ..io.alerts import CUTOUT_SIZE
 
 #: ZTF's nominal gain [e-/ADU] (the cutouts' headers carry none).
 ZTF_GAIN = 6.2

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = ["measure_batch", "measure_stream", "measure_files", "MAX_PENDING"]
 
 #: Alerts waiting for other alerts' PSFs before they are finished anyway (~10 kB each).
-MAX_PENDING = 32768
+MAX_PENDING = 8192
 _SOURCE_OF_LEVEL = {"pid": "quadrant", "jd": "exposure", "nid": "night", "all": "batch"}
 _ROW = "_row"
 

@@ -10,6 +10,7 @@ so the candidate is at ``31 + xpos - round(xpos)`` in every alert.
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from ..flags import Flag
 from ..io.alerts import CUTOUT_SIZE, frame_offset
@@ -148,6 +149,9 @@ def prepare(batch, cfg):
         sky[:, k, 0], sky[:, k, 1] = robust_sky(batch.cutout(name), mad=k != _TEMPLATE or cfg.star_cutout == "template")
     problem = _problems(batch, sky[:, _DIFFERENCE, 1])
     flags = np.where(problem != "", int(Flag.NO_DATA), 0).astype(np.int64)
+    # a cutout that could not be decoded is already explained by the packet's problems
+    told = pd.Series(batch.problems, dtype=object).str.contains("difference cutout", regex=False).to_numpy(bool)
+    problem[told & (problem == "no difference cutout")] = ""
 
     xpos, ypos = batch.field("xpos"), batch.field("ypos")
     with np.errstate(invalid="ignore"):
@@ -173,7 +177,7 @@ def prepare(batch, cfg):
     h = cfg.stamp_size // 2
     c = center - offset
     inside = (c[:, 0] >= h) & (c[:, 0] <= shape[:, 1] - 1 - h) & (c[:, 1] >= h) & (c[:, 1] <= shape[:, 0] - 1 - h)
-    flags[~inside & (problem == "")] |= Flag.OFF_IMAGE  # the stamp reaches beyond a cut-short cutout
+    flags[~inside & ((flags & Flag.NO_DATA) == 0)] |= Flag.OFF_IMAGE  # the stamp reaches beyond a cut-short cutout
     keys = np.column_stack([batch.field(k) for k in cfg.group_keys]) if cfg.group_keys else np.zeros((n, 0))
     return Prepared(
         flags=flags, problem=problem, center=center, offset=offset, diff=diff.astype(np.float32), diff_var=var,

@@ -510,9 +510,10 @@ def _parquet_file(path):
     import pyarrow.parquet as pq
 
     try:
-        # a 4 MiB read buffer: pages are read as needed, not whole column chunks (bounded
-        # memory for row groups of any size, and 4x faster than unbuffered reads)
-        pf = pq.ParquetFile(path, buffer_size=1 << 22)
+        # pages read through a 4 MiB buffer as they are needed: pyarrow's default
+        # (pre_buffer) caches every row group read until the file is closed, 0.33 GB per
+        # 8,192 alerts, and costs 4x the CPU
+        pf = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
     except Exception as err:
         raise AlertFileError(f"{path}: not a readable Parquet file: {err}") from None
     names = set(pf.schema_arrow.names)
