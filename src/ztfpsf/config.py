@@ -26,7 +26,9 @@ class FitConfig:
     (analytic + pixel residual surface, :mod:`ztfpsf.psf.residual`) or 'auto': hybrid when
     at least ``HYBRID_MIN_STARS`` stars were selected), ``reserve``, ``noise`` ('measured': sky variance from the
     measured background rms; 'header': gain and read noise only; see
-    :func:`ztfpsf.stamps.noise_model`). Output: ``overwrite``, ``history``, ``report``.
+    :func:`ztfpsf.stamps.noise_model`), ``brighter_fatter`` ('auto': a flux-dependent PSF size
+    when the stars' size-flux slope is beyond 3 sigma; 'on'; 'off': the diagnostic only;
+    :mod:`ztfpsf.psf.brighter_fatter`). Output: ``overwrite``, ``history``, ``report``.
     """
 
     catalog: str | None = None
@@ -55,6 +57,7 @@ class FitConfig:
     degree: int = 2
     psf_model: str = "auto"
     reserve: float = 0.1
+    brighter_fatter: str = "auto"
     seed: int = 0
     noise: str = "measured"
     overwrite: bool = False
@@ -67,6 +70,8 @@ class FitConfig:
             raise ValueError(f"psf must be 'independent', 'shared' or 'varying'; got {self.psf!r}")
         if self.psf_model not in ("auto", "analytic", "hybrid"):
             raise ValueError(f"psf_model must be 'auto', 'analytic' or 'hybrid'; got {self.psf_model!r}")
+        if self.brighter_fatter not in ("auto", "on", "off"):
+            raise ValueError(f"brighter_fatter must be 'auto', 'on' or 'off'; got {self.brighter_fatter!r}")
         if self.noise not in ("measured", "header"):
             raise ValueError(f"noise must be 'measured' or 'header'; got {self.noise!r}")
         if self.stamp < 5 or self.stamp % 2 == 0:

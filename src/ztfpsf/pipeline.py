@@ -167,6 +167,22 @@ def _fit(stamps, exposure, config, noise):
     return joint, psf, stats
 
 
+def _brighter_fatter(config, psf, fit, stamps, exposure, noise):
+    """The size and PSF - aperture trends against flux (every run) and, per
+    ``config.brighter_fatter``, the flux-dependent PSF (:func:`ztfpsf.psf.brighter_fatter.apply`);
+    the diagnostic's slopes go into the PSF file's header."""
+    from .psf import brighter_fatter as bf
+
+    psf, fit, info = bf.apply(
+        config.brighter_fatter, psf, fit, stamps=stamps, image=exposure.data, mask=exposure.mask,
+        zeropoint=exposure.zeropoint, gain=noise.get("gain"), read_noise=noise.get("read_noise"),
+        saturation=exposure.saturation, backend=config.backend,
+    )  # fmt: skip
+    if psf is not None:
+        psf.meta.update({f"bf_{k}": info.get(k) for k in ("size_slope", "size_slope_err", "apcorr_slope", "apcorr_slope_err")})
+    return psf, fit, info
+
+
 def _affordable_degree(config, n_stars):
     """The polynomial degree of a varying PSF that ``n_stars`` can constrain: at most the
     configured one, lowered until each coefficient has three stars (as ``fit_psf`` asks)."""
@@ -256,7 +272,7 @@ def process_image(path, config=None, out_dir=".", **options):
         )  # fmt: skip
     stages.done("select")
 
-    psf = psf_stats = flux_scale = None
+    psf = psf_stats = flux_scale = brighter_fatter = None
     history = None
     if len(selected):
         stamps = cut_stamps(exposure, np.asarray(selected["x_init"]), np.asarray(selected["y_init"]), config.stamp, background=background)
@@ -268,6 +284,7 @@ def process_image(path, config=None, out_dir=".", **options):
         fit.meta["psf"] = config.psf if psf is not None else "independent"
         if np.ndim(noise.get("read_noise")) == 1:  # the measured sky: each star's effective read noise [e-]
             fit["read_noise"] = np.asarray(noise["read_noise"], dtype=np.float64)
+        psf, fit, brighter_fatter = _brighter_fatter(config, psf, fit, stamps, exposure, noise)
         if psf is not None:
             flux_scale = aperture_check(exposure.data, fit, psf.flux_radius, mask=exposure.mask,
                                         header_apcor=exposure.header.get("APCOR6"))
@@ -310,6 +327,7 @@ def process_image(path, config=None, out_dir=".", **options):
         "psf": config.psf,
         "psf_stats": psf_stats,
         "flux_scale": flux_scale,
+        "brighter_fatter": brighter_fatter,
         "noise": noise_desc,
         "exposure": exposure.summary(),
         "timings": stages.seconds,

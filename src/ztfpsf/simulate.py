@@ -13,6 +13,11 @@ Stars are rendered with a Gauss-Legendre pixel integral (independent of the fitt
 Taylor expansion), then given Poisson noise in electrons and Gaussian read noise, and
 converted back to ADU. ZTF-like defaults: gain 6.2 e-/ADU, read noise 8 e-, zero point
 26.2, sky 150 ADU, 1.012"/px, FWHM ~2 px.
+
+Brighter-fatter (off by default): ``brighter_fatter=b`` scales each star's size (fwhm; the
+Gaussian's widths) by ``1 + b (log10 F - log10 F_ref)`` with ``F`` its total flux and
+``F_ref`` the flux of magnitude ``bf_ref_mag`` (:func:`ztfpsf.psf.brighter_fatter.size_factor`;
+the law the PSF model fits). On the real ZTF quadrant ``b`` = :data:`ZTF_BF_SLOPE`.
 """
 
 import functools
@@ -48,6 +53,7 @@ __all__ = [
     "ZTF_PIXEL_SCALE",
     "ZTF_QUADRANT_SHAPE",
     "ZTF_SATURATION",
+    "ZTF_BF_SLOPE",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,9 @@ ZTF_PIXEL_SCALE = 1.012  # arcsec / px
 ZTF_QUADRANT_SHAPE = (3080, 3072)  # (ny, nx) = (NAXIS2, NAXIS1)
 ZTF_SATURATION = 50000.0  # ADU; a typical SATURATE of a ZTF sciimg
 ZTF_EXPTIME = 30.0
+#: Brighter-fatter slope measured on the study's real ZTF quadrant (fractional fwhm change
+#: per decade of flux; README "Brighter-fatter"): the amplitude the tests inject.
+ZTF_BF_SLOPE = 0.0075
 _FILTER_ID = {"zg": 1, "zr": 2, "zi": 3}
 
 
@@ -70,6 +79,15 @@ def mag_to_flux(mag, zeropoint=ZTF_ZEROPOINT):
 # ======================================================================================
 # stamps
 # ======================================================================================
+def _bf_factor(flux, brighter_fatter, bf_ref_mag, zeropoint):
+    """Per-star size factor of the injected brighter-fatter law (1 when off)."""
+    if not brighter_fatter:
+        return np.ones(np.shape(flux))
+    from .psf.brighter_fatter import size_factor
+
+    return size_factor(flux, brighter_fatter, mag_to_flux(bf_ref_mag, zeropoint))
+
+
 def _shape_draws(model, n, rng, fwhm_range, alpha_range, ellipticity):
     fwhm = rng.uniform(*fwhm_range, n)
     if model.name == "gaussian":
@@ -101,12 +119,16 @@ def simulate_stamps(
     zeropoint=ZTF_ZEROPOINT,
     max_offset=0.5,
     seed=0,
+    brighter_fatter=0.0,
+    bf_ref_mag=17.0,
 ):
     """Simulate ``n`` noisy star stamps of ``size x size`` pixels with known truth.
 
     Returns ``(data, variance, truth)``: data in ADU (sky not subtracted), the true
     per-pixel variance, and a table with ``mag, flux, x, y, background`` and the shape
     parameters. ``shape`` (dict of scalars or arrays) overrides the drawn shape.
+    ``brighter_fatter``: slope of the injected size-flux law (module docstring; the
+    truth's shape columns include it), reference magnitude ``bf_ref_mag``.
     """
     rng = np.random.default_rng(seed)
     m = get_model(model, "gl8")
@@ -118,6 +140,10 @@ def simulate_stamps(
     params = _shape_draws(m, n, rng, fwhm_range, alpha_range, ellipticity)
     for k, v in (shape or {}).items():
         params[k] = np.broadcast_to(np.asarray(v, dtype=float), (n,)).copy()
+    factor = _bf_factor(flux, brighter_fatter, bf_ref_mag, zeropoint)
+    for k in ("fwhm", "sigma_x", "sigma_y"):
+        if k in params:
+            params[k] = params[k] * factor
     background = np.full(n, float(sky))
     shape_t = tuple(jnp.asarray(params[k]) for k in m.shape_names)
     image = np.asarray(m.image(jnp.asarray(flux), jnp.asarray(x), jnp.asarray(y), shape_t, jnp.asarray(background), size, size))
@@ -336,7 +362,7 @@ def _next_pow2(n):
 
 
 @with_x64
-def render_stars(shape, x, y, flux, psf, *, integration="gl4", wing_limit=0.005, dtype=np.float32):
+def render_stars(shape, x, y, flux, psf, *, integration="gl4", wing_limit=0.005, dtype=np.float32, fwhm_scale=None):
     """Noise-free image ``(ny, nx)`` of point sources [ADU] and each star's peak pixel value.
 
     Every star is rendered on its own stamp (size by brightness, see ``wing_limit``),
@@ -345,10 +371,13 @@ def render_stars(shape, x, y, flux, psf, *, integration="gl4", wing_limit=0.005,
     added into the image with ``bincount``. Pixels off the image are dropped. ``psf`` is
     a :class:`VaryingPSF` (anything with ``.shape(x, y)``). Returns ``(image, peak,
     render_size)``: float64 image, the star's own brightest pixel [ADU], stamp size.
+    ``fwhm_scale`` (N,): per-star factor on the PSF's fwhm (brighter-fatter).
     """
     ny, nx = shape
     x, y, flux = (np.asarray(v, dtype=float) for v in (x, y, flux))
     fwhm, alpha, e1, e2 = psf.shape(x, y)
+    if fwhm_scale is not None:
+        fwhm = fwhm * np.asarray(fwhm_scale, dtype=float)
     size = _render_size(flux, fwhm, alpha, np.hypot(e1, e2), wing_limit)
     image = np.zeros(ny * nx)
     peak = np.zeros(len(x))
@@ -579,6 +608,8 @@ def make_quadrant(
     astrometric_noise=0.0,
     integration="gl4",
     wing_limit=0.005,
+    brighter_fatter=0.0,
+    bf_ref_mag=17.0,
 ):
     """Simulate a ZTF-like science quadrant in memory (see :func:`simulate_quadrant`)."""
     from astropy.time import Time
@@ -608,7 +639,9 @@ def make_quadrant(
     x = rng.uniform(-0.5, nx - 0.5, nstars)
     y = rng.uniform(-0.5, ny - 0.5, nstars)
     flux = mag_to_flux(mag, zeropoint)
-    stars, peak, render_size = render_stars((ny, nx), x, y, flux, psf, integration=integration, wing_limit=wing_limit)
+    bf = _bf_factor(flux, brighter_fatter, bf_ref_mag, zeropoint)
+    stars, peak, render_size = render_stars((ny, nx), x, y, flux, psf, integration=integration, wing_limit=wing_limit,
+                                            fwhm_scale=bf if brighter_fatter else None)
     sky_at = _sky_plane((ny, nx), sky)
     background = sky_at(np.arange(nx, dtype=np.float32)[None, :], np.arange(ny, dtype=np.float32)[:, None])
 
@@ -643,6 +676,7 @@ def make_quadrant(
     ra_s, dec_s = wcs.all_pix2world(x, y, 0)
     ids = np.arange(1, nstars + 1)
     fwhm, alpha, e1, e2 = psf.shape(x, y)
+    fwhm = fwhm * bf
     star_bg = sky_at(x, y)
     saturated = peak + star_bg >= saturation
     bad = (bits & bad_bits_value(DEFAULT_BAD_BITS)) != 0 if mask else sat_pix
@@ -696,6 +730,8 @@ def make_quadrant(
     for name in ("tracks", "sexsources", "noisy", "saturated", "dead", "nan", "psfsources"):
         mask_header[f"BIT{MASK_BITS[name]:02d}"] = (name, "ZTF mskimg bit used by the simulation")
 
+    if brighter_fatter:
+        truth.meta.update(brighter_fatter=float(brighter_fatter), bf_ref_mag=float(bf_ref_mag))
     truth.meta.update(
         seed=int(seed), size=[ny, nx], nstars=int(nstars), mag_range=[float(m) for m in mag_range], lf_slope=float(lf_slope),
         sky=[float(v) for v in np.atleast_1d(sky)], gain=float(gain), read_noise=float(read_noise), zeropoint=float(zeropoint),
@@ -751,6 +787,9 @@ def simulate_quadrant(out_dir, **kwargs):
     sky : float or (level, gradient)
         ADU: ``level`` at the centre plus a plane rising by ``gradient`` across x and
         ``gradient / 2`` across y.
+    brighter_fatter, bf_ref_mag : float
+        Slope of an injected brighter-fatter law (the module docstring; default 0: off)
+        and its reference magnitude; the truth's ``fwhm`` includes it.
     gain, read_noise, zeropoint, saturation
         e-/ADU, e-, mag (MAGZP), ADU (SATURATE). Pixels at or above ``saturation``
         after the noise are set to it (and flagged in the mask); there is no blooming.

@@ -23,6 +23,9 @@ def add_arguments(p):
     p.add_argument("--psf-model", choices=("auto", "analytic", "hybrid"), default="auto",
                    help="with --psf shared|varying: analytic profile, or hybrid = analytic + pixel residual surface "
                         "(default auto: hybrid from 50 selected stars on)")
+    p.add_argument("--brighter-fatter", choices=("auto", "on", "off"), default="auto",
+                   help="flux-dependent PSF size (brighter-fatter) with --psf shared|varying: auto (default) when the "
+                        "stars' size grows with flux beyond 3 sigma, on, or off (the size/flux diagnostic only)")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of stars kept out of a joint PSF fit to score it")
     p.add_argument("--out", default="ztfpsf-out", help="output directory (default ztfpsf-out)")
     p.add_argument("--mask", help="mask FITS for the image (non-zero = bad; ZTF bits for a mskimg); default: the mskimg beside a sciimg")
@@ -64,7 +67,7 @@ def config_from_args(args):
         pixel_scale=args.pixel_scale, mag_range=tuple(args.mag_range), isolation=args.isolation,
         isolation_px=args.isolation_px, edge=args.edge, stamp=args.stamp, min_snr=args.min_snr,
         model=args.model, method=args.method, dtype=args.dtype, backend=args.backend, psf=args.psf,
-        degree=args.degree, psf_model=args.psf_model, reserve=args.reserve, noise=args.noise, overwrite=args.overwrite, history=args.history, report=args.report,
+        degree=args.degree, psf_model=args.psf_model, reserve=args.reserve, brighter_fatter=args.brighter_fatter, noise=args.noise, overwrite=args.overwrite, history=args.history, report=args.report,
     )  # fmt: skip
 
 

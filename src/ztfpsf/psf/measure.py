@@ -37,11 +37,12 @@ class MeasureOptions:
     max_iter: int = 30
     tol: float = 1e-3
     history: bool = False  # read by fitting.lm
+    fit_size: bool = False  # also the first shape parameter (the log fwhm): returned as ``size``
 
 
 def _free(model, opts):
     last = model.n_params - 1
-    return (0, 1, 2, last) if opts.fit_position else (0, last)
+    return ((0, 1, 2) if opts.fit_position else (0,)) + ((3,) if opts.fit_size else ()) + (last,)
 
 
 def _measure_chunk(model, opts, data, valid, variance, noise, theta0, active):
@@ -64,12 +65,16 @@ def _measure_chunk(model, opts, data, valid, variance, noise, theta0, active):
         n_iter = n_iter + n2
     cov, ok = linalg.inverse(A, len(free))
     var = jnp.zeros((theta.shape[0], len(LOCAL)), theta.dtype)
-    slots = (0, 1, 2, 3) if opts.fit_position else (0, 3)
-    for i, slot in enumerate(slots):
-        var = var.at[:, slot].set(cov[i, i])
+    slot = {0: 0, 1: 1, 2: 2, free[-1]: 3}  # parameter -> column of ``local``
+    for i, p in enumerate(free):
+        if p in slot:
+            var = var.at[:, slot[p]].set(cov[i, i])
     local = jnp.stack([theta[:, 0], theta[:, 1], theta[:, 2], theta[:, -1]], axis=1)
-    return dict(local=local, var=var, chi2=chi2, n_valid=jnp.sum(valid, axis=1), n_iter=n_iter,
-                converged=conv, ok=ok & active)
+    out = dict(local=local, var=var, chi2=chi2, n_valid=jnp.sum(valid, axis=1), n_iter=n_iter,
+               converged=conv, ok=ok & active)
+    if opts.fit_size:
+        out.update(size=theta[:, 3], size_var=cov[free.index(3), free.index(3)])
+    return out
 
 
 def measure(model, theta0, data, valid, *, variance=None, noise=None, opts=MeasureOptions(), active=None,
@@ -128,7 +133,8 @@ def usable_pixels(data, mask=None, saturation=None, variance=None):
 
 @with_x64
 def measure_stamps(psf, data, origin, x, y, *, mask=None, variance=None, gain=None, read_noise=None, sky=0.0,
-                   saturation=None, fit_position=False, max_shift=2.0, dtype="float32", backend="auto", chunk=None):
+                   saturation=None, fit_position=False, max_shift=2.0, dtype="float32", backend="auto", chunk=None,
+                   flux=None, flux_iter=3, fit_size=False):
     """Measure stars with ``psf`` (a :class:`~ztfpsf.psf.PSFModel`, analytic or hybrid) held
     fixed: flux and background, and ``x, y`` with ``fit_position``.
 
@@ -137,9 +143,16 @@ def measure_stamps(psf, data, origin, x, y, *, mask=None, variance=None, gain=No
     ``read_noise`` (scalars or per star), or ``variance``, or each stamp's border scatter.
     Returns a dict of columns in image coordinates (``flux`` on the PSF's flux scale:
     within its ``flux_radius``), ``chi2``, ``dof``, ``n_iter`` and ``flags`` (BAD rows NaN).
+
+    A flux-dependent PSF (brighter-fatter, ``psf.flux_dependent``) takes each star's shape
+    at ``flux`` (N,) when given; otherwise flux and shape are iterated: the shape at the
+    stamp's summed flux, then ``flux_iter - 1`` times at the flux just measured.
+
+    ``fit_size``: also fit each star's size, the PSF's first shape parameter (log fwhm of
+    the Moffats), the rest of its shape held: columns ``ln_size`` (log of the star's size
+    over the PSF's there) and ``ln_size_err``.
     """
     from ..fitting.api import border_variance, check_variance, noise_mode
-    from ..fitting.batching import select_devices
 
     n = data.shape[0]
     dtype = np.dtype(dtype)
@@ -150,9 +163,6 @@ def measure_stamps(psf, data, origin, x, y, *, mask=None, variance=None, gain=No
     mode, noise = noise_mode(variance, gain, read_noise, sky, n)
     if mode == "border":
         variance, mode = np.asarray(border_variance(np.where(valid, data, 0.0), valid)), "given"
-    model = psf.profile_model
-    xs, ys = np.asarray(x, np.float64) - origin[:, 0], np.asarray(y, np.float64) - origin[:, 1]
-    block = psf.shape_block(x, y)
     # a start: the flux from the PSF's peak pixel, the background from the border
     d = np.where(valid, data, np.nan)
     border = np.concatenate([d[:, 0], d[:, -1], d[:, 1:-1, 0], d[:, 1:-1, -1]], axis=1)
@@ -160,12 +170,45 @@ def measure_stamps(psf, data, origin, x, y, *, mask=None, variance=None, gain=No
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN stamps: NO_DATA below
         bg0 = np.nan_to_num(np.nanmedian(border, axis=1))
         flux0 = np.nan_to_num(np.nansum(d - bg0[:, None, None], axis=(1, 2)))
+    opts = MeasureOptions(fit_position=bool(fit_position), noise="given" if mode == "given" else "model",
+                          fit_size=bool(fit_size))
+    variance = None if mode != "given" else np.broadcast_to(variance, data.shape).astype(dtype)
+    iterate = psf.flux_dependent and flux is None
+    law_flux = None if not psf.flux_dependent else (flux0 if flux is None else np.asarray(flux, np.float64))
+    for _ in range(max(int(flux_iter), 1) if iterate else 1):
+        cols, out, n_free, enough = _measure_once(psf, data, valid, variance, noise, origin, x, y, flux0, bg0, opts,
+                                                  dtype, backend, chunk, flags, law_flux)
+        if iterate:  # the next pass: the shape at the flux just measured (failed rows keep theirs)
+            law_flux = np.where(np.isfinite(cols["flux"]), cols["flux"], law_flux)
+    flags = cols.pop("_flags")
+    if fit_position:
+        with np.errstate(invalid="ignore"):
+            flags[np.hypot(cols["x"] - x, cols["y"] - y) > max_shift] |= int(Flag.CENTER_SHIFT)
+    bad = (flags & int(BAD)) != 0
+    for k in cols:
+        cols[k][bad] = np.nan
+    cols["dof"] = np.where(enough, out["n_valid"] - n_free, 0).astype(np.int32)
+    cols["n_iter"] = out["n_iter"].astype(np.int32)
+    cols["flags"] = flags
+    return cols
+
+
+def _measure_once(psf, data, valid, variance, noise, origin, x, y, flux0, bg0, opts, dtype, backend, chunk, flags, law_flux):
+    """One measurement of every star with the PSF's shape at ``law_flux`` (None: the PSF
+    is not flux-dependent). Returns the columns (flux on the PSF's scale; ``_flags``: a
+    copy of ``flags`` with the fit's bits), the raw result, the free parameters' count
+    and which stars had enough pixels."""
+    from ..fitting.batching import select_devices
+
+    fit_position = opts.fit_position
+    flags = flags.copy()
+    model = psf.profile_model
+    xs, ys = np.asarray(x, np.float64) - origin[:, 0], np.asarray(y, np.float64) - origin[:, 1]
+    block = psf.shape_block(x, y, flux=law_flux)
     theta0 = np.concatenate([np.stack([flux0, xs, ys], 1), block, bg0[:, None]], axis=1)
-    opts = MeasureOptions(fit_position=bool(fit_position), noise="given" if mode == "given" else "model")
     out = measure(model, theta0.astype(dtype), np.where(valid, data, 0.0).astype(dtype), valid,
-                  variance=None if mode != "given" else np.broadcast_to(variance, data.shape).astype(dtype),
-                  noise=noise, opts=opts, devices=select_devices(backend), chunk=chunk)
-    n_free = 4 if fit_position else 2
+                  variance=variance, noise=noise, opts=opts, devices=select_devices(backend), chunk=chunk)
+    n_free = (4 if fit_position else 2) + int(opts.fit_size)
     local, sd = out["local"].astype(np.float64), np.sqrt(np.maximum(out["var"], 0.0))
     enough = out["n_valid"] > n_free
     finite = np.all(np.isfinite(local), axis=1) & np.isfinite(out["chi2"]) & np.all(np.isfinite(sd), axis=1)
@@ -177,18 +220,15 @@ def measure_stamps(psf, data, origin, x, y, *, mask=None, variance=None, gain=No
         "flux": local[:, 0], "flux_err": sd[:, 0], "background": local[:, 3], "background_err": sd[:, 3],
         "chi2": out["chi2"].astype(np.float64),
     }
-    if fit_position:
-        with np.errstate(invalid="ignore"):
-            flags[np.hypot(cols["x"] - x, cols["y"] - y) > max_shift] |= int(Flag.CENTER_SHIFT)
-    bad = (flags & int(BAD)) != 0
+    if opts.fit_size:
+        cols["ln_size"] = np.asarray(out["size"], np.float64) - block[:, 0]
+        cols["ln_size_err"] = np.sqrt(np.maximum(np.asarray(out["size_var"], np.float64), 0.0))
+    good = (flags & int(BAD)) == 0
     for k in cols:
-        cols[k][bad] = np.nan
-    good = ~bad
+        cols[k][~good] = np.nan
     if good.any():  # the flux scale of the PSF: flux within its FLUXRAD
-        scale = psf.enclosed(cols["x"][good], cols["y"][good])
+        scale = psf.enclosed(cols["x"][good], cols["y"][good], flux=None if law_flux is None else law_flux[good])
         cols["flux"][good] *= scale
         cols["flux_err"][good] *= scale
-    cols["dof"] = np.where(enough, out["n_valid"] - n_free, 0).astype(np.int32)
-    cols["n_iter"] = out["n_iter"].astype(np.int32)
-    cols["flags"] = flags
-    return cols
+    cols["_flags"] = flags
+    return cols, out, n_free, enough

@@ -48,6 +48,18 @@ still read: no residual, flux = the profile's total flux):
   ``FLUXRAD``-aperture magnitude of the image's bright unflagged stars (a check of the
   flux scale: ~0 when the model describes the stars out to ``FLUXRAD``), and ``HDRAPCOR``,
   the image header's ``APCOR6`` when known.
+
+Format version 3 is version 2 with a flux-dependent size (brighter-fatter,
+:mod:`ztfpsf.psf.brighter_fatter`); it is written only when the slope is not 0, so a
+reader that ignores the law refuses the file instead of misreading it. ``BFSLOPE`` (the
+law's slope ``b``: fractional size change per decade of flux), ``BFSLERR`` (its error),
+``BFREF`` (the reference flux ``F_ref`` [ADU, the ``FLUXRAD`` scale] at which ``COEFFS``
+give the size), ``BFLGMIN, BFLGMAX`` (log10 flux range the law holds on, clamped
+outside): the size parameters (log fwhm; the Gaussian's log widths) of a star of flux
+``F`` are those of ``COEFFS`` plus ``ln(1 + b (log10 F - log10 F_ref))``. Files without
+``BFSLOPE`` read as ``b = 0``. Every file may carry the run's brighter-fatter diagnostic
+(``BFSZSLP, BFSZERR``: the stars' size slope and error, same unit; ``BFAPSLP, BFAPERR``:
+PSF - ``FLUXRAD`` aperture magnitude against magnitude [mag/mag]).
 """
 
 import datetime
@@ -75,8 +87,10 @@ __all__ = ["PSFModel", "PSFFileError", "profile_enclosed", "FORMAT_VERSION", "RE
 
 #: Version of the PSF file layout written by this module; read() refuses others.
 FORMAT_VERSION = 2
+#: Version written for a PSF with a flux-dependent size (``BFSLOPE != 0``).
+BF_FORMAT_VERSION = 3
 #: Versions read() accepts.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 #: Default flux scale: the flux within this radius [px] (ZTF's 14 px diameter aperture).
 FLUX_RADIUS = 7.0
 
@@ -102,6 +116,10 @@ _HEADER_STATS = {
     "apcorr_err": ("APCORERR", "error of APCORR [mag]"),
     "apcorr_n": ("APCORN", "stars in APCORR"),
     "header_apcor": ("HDRAPCOR", "image header APCOR6 [mag]"),
+    "bf_size_slope": ("BFSZSLP", "stars' size slope [frac. per decade of flux]"),
+    "bf_size_slope_err": ("BFSZERR", "error of BFSZSLP"),
+    "bf_apcorr_slope": ("BFAPSLP", "PSF - FLUXRAD aperture mag slope [mag/mag]"),
+    "bf_apcorr_slope_err": ("BFAPERR", "error of BFAPSLP"),
 }
 
 
@@ -231,8 +249,16 @@ class PSFModel:
     """
 
     def __init__(self, model, coef, bounds, *, degree=0, cov=None, integration=None, image_shape=None, meta=None,
-                 residual=None, grid=None, flux_radius=FLUX_RADIUS, support=None):
+                 residual=None, grid=None, flux_radius=FLUX_RADIUS, support=None, bf_slope=0.0, bf_ref=None,
+                 bf_range=None, bf_slope_err=None):
         self.model = get_model(model, integration)
+        # brighter-fatter law (ztfpsf.psf.brighter_fatter): size x (1 + bf_slope log10(F / bf_ref))
+        self.bf_slope = float(bf_slope or 0.0)
+        self.bf_ref = None if bf_ref is None else float(bf_ref)
+        self.bf_range = None if bf_range is None else tuple(float(v) for v in bf_range)
+        self.bf_slope_err = None if bf_slope_err is None else float(bf_slope_err)
+        if self.bf_slope != 0 and not (self.bf_ref and self.bf_ref > 0):
+            raise ValueError(f"a brighter-fatter slope needs a positive reference flux bf_ref; got {bf_ref}")
         self.support = None if support is None else np.asarray(support, dtype=np.float64).reshape(-1, 2)
         self.flux_radius = float(flux_radius or 0.0)
         self.degree = int(degree)
@@ -314,10 +340,22 @@ class PSFModel:
         xn, yn = normalise(x, y, self.bounds)
         return legendre_basis(xn, yn, self.degree)
 
-    def internal(self, x, y, extrapolate=False):
-        """Internal shape parameters ``(..., n_shape)``; NaN outside the validity region."""
-        x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    @property
+    def flux_dependent(self):
+        """True when the size depends on the star's flux (brighter-fatter slope not 0)."""
+        return self.bf_slope != 0
+
+    def internal(self, x, y, extrapolate=False, flux=None):
+        """Internal shape parameters ``(..., n_shape)``; NaN outside the validity region.
+        ``flux``: the stars' flux for a flux-dependent PSF (None: the size at ``bf_ref``)."""
+        law = self.flux_dependent and flux is not None
+        x, y, *f = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
+                                       *([np.asarray(flux, np.float64)] if law else []))
         u = self.basis(x, y) @ self.coef.T
+        if law:
+            from .brighter_fatter import size_shift
+
+            u = size_shift(self.model.name, u, f[0], self.bf_slope, self.bf_ref, self.bf_range)
         if not extrapolate:
             u = np.where(self.contains(x, y)[..., None], u, np.nan)
         return u
@@ -336,41 +374,44 @@ class PSFModel:
         T = self.basis(np.ravel(x), np.ravel(y))
         return T[:, : self.residual.shape[0]] @ self.residual
 
-    def shape_block(self, x, y, u=None):
+    def shape_block(self, x, y, u=None, flux=None):
         """Internal shape of :attr:`profile_model` per position ``(N, n_shape)``: the analytic
-        shape ``u`` (computed if not given), followed by the residual nodes for a hybrid."""
+        shape ``u`` (computed if not given, at ``flux`` for a flux-dependent PSF), followed
+        by the residual nodes for a hybrid."""
         x, y = np.ravel(x), np.ravel(y)
-        u = self.internal(x, y, extrapolate=True) if u is None else u
+        u = self.internal(x, y, extrapolate=True, flux=None if flux is None else np.ravel(flux)) if u is None else u
         if self.residual is None:
             return u
         return np.concatenate([u, self.residual_nodes(x, y)], axis=1)
 
     @with_x64
-    def enclosed(self, x, y, radius=None):
+    def enclosed(self, x, y, radius=None, flux=None):
         """Fraction of the unnormalised profile (analytic + residual, total 1) within a
-        circle of ``radius`` [px] (default :attr:`flux_radius`) around a star at (x, y);
-        1 when the radius is 0 (total flux). Arrays in, arrays out."""
+        circle of ``radius`` [px] (default :attr:`flux_radius`) around a star at (x, y)
+        (of ``flux``, for a flux-dependent PSF); 1 when the radius is 0 (total flux).
+        Arrays in, arrays out."""
         radius = self.flux_radius if radius is None else float(radius)
         x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
         if radius <= 0:
             return np.ones(x.shape)
-        block = self.shape_block(x, y)
+        block = self.shape_block(x, y, flux=None if flux is None else np.broadcast_to(flux, x.shape))
         out = _padded(_enclosed_fn(self.model.name, self.grid, radius), block)
         return out.reshape(x.shape)
 
     @with_x64
-    def _physical(self, x, y, extrapolate):
+    def _physical(self, x, y, extrapolate, flux=None):
         """``(..., n_shape + 3)``: physical shape, fwhm, e1, e2 at the positions."""
-        u = self.internal(x, y, extrapolate)
+        u = self.internal(x, y, extrapolate, flux=flux)
         flat = u.reshape(-1, self.model.n_shape)
         if flat.shape[0] == 0:
             return np.zeros(u.shape[:-1] + (self.model.n_shape + 3,))
         out = _padded(_physical_fn(self.model), flat)
         return out.reshape(u.shape[:-1] + (out.shape[-1],))
 
-    def shape(self, x, y, extrapolate=False):
-        """Physical shape parameters at ``(x, y)``: dict name -> array (NaN outside bounds)."""
-        p = self._physical(x, y, extrapolate)
+    def shape(self, x, y, extrapolate=False, flux=None):
+        """Physical shape parameters at ``(x, y)`` (of stars of ``flux`` for a flux-dependent
+        PSF): dict name -> array (NaN outside bounds)."""
+        p = self._physical(x, y, extrapolate, flux)
         return {name: p[..., k] for k, name in enumerate(self.model.shape_names)}
 
     @with_x64
@@ -392,10 +433,11 @@ class PSFModel:
             out = np.where(self.contains(x, y).reshape(-1)[:, None], out, np.nan)
         return {k: out[:, i].reshape(x.shape) for i, k in enumerate(names)}
 
-    def fwhm(self, x, y, extrapolate=False):
+    def fwhm(self, x, y, extrapolate=False, flux=None):
         """FWHM [px] at ``(x, y)`` (the model's definition: for the elliptical Moffat the
-        geometric mean of the axes; for the Gaussian that of the equal-area circle)."""
-        return self._physical(x, y, extrapolate)[..., self.model.n_shape]
+        geometric mean of the axes; for the Gaussian that of the equal-area circle), of a
+        star of ``flux`` for a flux-dependent PSF (None: at its reference flux)."""
+        return self._physical(x, y, extrapolate, flux)[..., self.model.n_shape]
 
     def alpha(self, x, y, extrapolate=False):
         """Moffat power-law index at ``(x, y)``."""
@@ -419,18 +461,20 @@ class PSFModel:
         return stamp_origin(x, 0.0, nx)[0], stamp_origin(0.0, y, ny)[1]
 
     @with_x64
-    def render(self, x, y, origin, shape=(17, 17)):
+    def render(self, x, y, origin, shape=(17, 17), flux=None):
         """Unit-flux, pixel-integrated stamps ``(N, ny, nx)`` of stars at image positions
         ``x, y`` (N,) on stamps whose pixel [0, 0] is at image ``origin (N, 2)`` (any
-        origin: a figure's stamp, a cutout). Extrapolates outside the region."""
+        origin: a figure's stamp, a cutout). Extrapolates outside the region. ``flux``
+        (N,): the stars' flux, which sets the shape of a flux-dependent PSF."""
         ny, nx = (int(shape), int(shape)) if np.ndim(shape) == 0 else (int(shape[0]), int(shape[1]))
         xf, yf = np.ravel(np.asarray(x, np.float64)), np.ravel(np.asarray(y, np.float64))
+        ff = None if flux is None else np.ravel(np.broadcast_to(np.asarray(flux, np.float64), np.shape(x)))
         origin = np.asarray(origin, np.float64).reshape(-1, 2)
-        img = _padded(_stamp_fn(self.profile_model, ny, nx), xf - origin[:, 0], yf - origin[:, 1], self.shape_block(xf, yf))
-        return img / self.enclosed(xf, yf)[:, None, None]
+        img = _padded(_stamp_fn(self.profile_model, ny, nx), xf - origin[:, 0], yf - origin[:, 1], self.shape_block(xf, yf, flux=ff))
+        return img / self.enclosed(xf, yf, flux=ff)[:, None, None]
 
     @with_x64
-    def stamp(self, x, y, shape=(17, 17), return_origin=False, extrapolate=False):
+    def stamp(self, x, y, shape=(17, 17), return_origin=False, extrapolate=False, flux=None):
         """Normalised, pixel-integrated PSF image of a star at ``(x, y)`` (sub-pixel).
 
         The stamp's central pixel ``[ny // 2, nx // 2]`` is the image pixel nearest to
@@ -439,14 +483,16 @@ class PSFModel:
         the flux being that within :attr:`flux_radius` (the file's ``FLUXRAD``; the total
         for 0): a 17x17 stamp sums to about 1. Scalars in: ``(ny, nx)``; arrays of N positions: ``(N, ny, nx)``. NaN
         outside the region of validity (unless ``extrapolate``). With
-        ``return_origin=True`` also returns ``(x0, y0)``.
+        ``return_origin=True`` also returns ``(x0, y0)``. ``flux``: the star's flux (sets
+        the shape of a flux-dependent PSF; default its reference flux).
         """
         ny, nx = (int(shape), int(shape)) if np.ndim(shape) == 0 else (int(shape[0]), int(shape[1]))
         x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
         scalar = x.ndim == 0
         xf, yf = x.reshape(-1), y.reshape(-1)
         x0, y0 = self.stamp_origin(xf, yf, (ny, nx))
-        img = self.render(xf, yf, np.column_stack([x0, y0]), (ny, nx))
+        ff = None if flux is None else np.broadcast_to(np.asarray(flux, np.float64), x.shape).reshape(-1)
+        img = self.render(xf, yf, np.column_stack([x0, y0]), (ny, nx), flux=ff)
         if not extrapolate:
             img = np.where(self.contains(xf, yf)[:, None, None], img, np.nan)
         if scalar:
@@ -458,7 +504,7 @@ class PSFModel:
         """Write the PSF file (see the module docstring for the layout)."""
         path = os.fspath(path)
         hdr = fits.Header()
-        hdr["PSFVERS"] = (FORMAT_VERSION, "ztfpsf PSF file format version")
+        hdr["PSFVERS"] = (BF_FORMAT_VERSION if self.flux_dependent else FORMAT_VERSION, "ztfpsf PSF file format version")
         hdr["MODEL"] = (self.model.name, "PSF profile")
         hdr["INTEG"] = (self.model.integration, "pixel integration of the profile")
         hdr["PSFMODE"] = (self.mode, "shared: one shape; varying: polynomial in x, y")
@@ -483,6 +529,13 @@ class PSFModel:
             hdr["RESRAD"] = (self.grid.radius, "residual nodes out to this radius [px]")
             hdr["RESN"] = (self.grid.n, "residual nodes per axis")
             hdr["RESBASIS"] = ("cubic B-spline", "residual surface basis")
+        if self.flux_dependent:
+            hdr["BFSLOPE"] = (self.bf_slope, "size x (1 + BFSLOPE log10(F/BFREF))")
+            if self.bf_slope_err is not None and np.isfinite(self.bf_slope_err):
+                hdr["BFSLERR"] = (self.bf_slope_err, "error of BFSLOPE")
+            hdr["BFREF"] = (self.bf_ref, "reference flux of the size law [ADU, FLUXRAD]")
+            if self.bf_range is not None:
+                hdr["BFLGMIN"], hdr["BFLGMAX"] = (self.bf_range[0], "law held below: log10 flux"), (self.bf_range[1], "law held above: log10 flux")
         for key, (card, comment) in _HEADER_STATS.items():
             value = self.meta.get(key)
             if value is not None and np.isfinite(value):
@@ -547,6 +600,8 @@ class PSFModel:
                 bounds = tuple(float(hdr[k]) for k in ("XMIN", "XMAX", "YMIN", "YMAX"))
                 image_shape = (int(hdr["IMNY"]), int(hdr["IMNX"])) if "IMNX" in hdr else None
                 flux_radius = float(hdr.get("FLUXRAD", 0.0))  # version 1: total flux
+                law = dict(bf_slope=float(hdr.get("BFSLOPE", 0.0)), bf_ref=hdr.get("BFREF"), bf_slope_err=hdr.get("BFSLERR"),
+                           bf_range=(hdr["BFLGMIN"], hdr["BFLGMAX"]) if "BFLGMIN" in hdr and "BFLGMAX" in hdr else None)
                 residual, grid = None, None
                 if hdr.get("RESIDUAL", False):
                     if "RESIDUAL" not in names:
@@ -576,6 +631,6 @@ class PSFModel:
         try:
             support = meta.pop("support", None)
             return cls(model, coef, bounds, degree=degree, cov=cov, integration=model.integration, image_shape=image_shape,
-                       meta=meta, residual=residual, grid=grid, flux_radius=flux_radius, support=support)
+                       meta=meta, residual=residual, grid=grid, flux_radius=flux_radius, support=support, **law)
         except ValueError as err:
             raise PSFFileError(f"{path}: inconsistent PSF file ({err})") from None
