@@ -73,6 +73,9 @@ def test_unknown_model_and_integration_are_clear_errors():
         get_model("moffat", "simpson")
     with pytest.raises(ValueError, match="erf"):
         get_model("moffat", "erf")
+    with pytest.raises(ValueError, match="adaptive"):
+        get_model("gaussian", "adaptive")  # the Gaussian's erf integral is exact already
+    assert get_model("moffat").integration == get_model("elliptical_moffat").integration == "adaptive"
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,6 @@ def test_flux_scale_matches_the_14px_aperture(runs):
     assert scale["header_apcor"] == pytest.approx(0.004617)
 
 
-@pytest.mark.xfail(strict=True, reason="the Moffat's default pixel integral (taylor4) is off by percents at the real "
-                   "quadrant's fwhm ~0.8 px (stamp sums 0.98-1.05 with the phase); exact integration at any sampling "
-                   "(issue 10, item 2) is not in yet: remove this mark with it")
 def test_real_psf_stamps_hold_their_flux_at_every_phase(runs):
     psf = runs["hybrid"][1]
     phases = (np.arange(4) + 0.5) / 4 - 0.5

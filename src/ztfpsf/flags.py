@@ -40,7 +40,8 @@ _MEANINGS = {
     Flag.NO_SOURCE: "no significant source: flux over its error at the fitted shape below min_snr (3); values are NaN",
     Flag.MASKED_PIXELS: "some stamp pixels were masked or NaN and got zero weight",
     Flag.SATURATED: "some stamp pixels were at or above the saturation level and got zero weight",
-    Flag.SHAPE_LIMIT: "fitted shape at a physical limit (fwhm outside [0.5, stamp size] px or alpha outside [1.1, 20])",
+    Flag.SHAPE_LIMIT: "fitted shape at a limit: alpha outside [1.1, 20], fwhm above the stamp size, or the minor-axis "
+    "fwhm below where the pixel integration holds (adaptive_min_fwhm(alpha): 0.4-0.55 px)",
     Flag.CENTER_SHIFT: "fitted centre moved more than max_shift px from the initial position",
     Flag.OUTLIER: "left out of the joint PSF fit: chi2/dof far above stars of similar flux (binary, cosmic ray, neighbour) or unusable normal equations; measured with the final PSF fixed",
     Flag.RESERVED: "reserve star: left out of the joint PSF fit and scored with the final PSF",
