@@ -120,6 +120,11 @@ def _figure_pngs(run, worst, typical):
 
         add("PSF model and its residual surface",
             lambda: plot_psf(compute_psf(run.psf_model, run.psf_model.meta.get("reserve_by_snr"))))
+    if run.psf_model is not None:
+        from .plots.brighter_fatter import compute_brighter_fatter, plot_brighter_fatter
+
+        add("brighter-fatter: size and PSF - aperture against flux",
+            lambda: plot_brighter_fatter(compute_brighter_fatter(t, run.psf_model, run.image, run.mask)))
     add("fit quality", lambda: plot_residuals(compute_residuals(t, run.image, run.mask, psf=run.psf_model)))
     if run.history is not None:
         dof = t["dof"] if "dof" in t.colnames else None
@@ -192,7 +197,23 @@ def _psf_section(summary, table):
              f"{scale['apcorr']:+.4f} ± {scale['apcorr_err']:.4f} ({scale['apcorr_n']} stars)"),
             ("its slope against magnitude [mag/mag]", f"{scale['apcorr_slope']:+.4f} ± {scale['apcorr_slope_err']:.4f}"),
             ("header APCOR6", _num(scale.get("header_apcor")))])
-    return html_
+    return html_ + _brighter_fatter_section(s.get("brighter_fatter") or {})
+
+
+def _brighter_fatter_section(info):
+    """The summary's brighter-fatter numbers (:mod:`ztfpsf.psf.brighter_fatter`)."""
+    if info.get("size_slope") is None:
+        return ""
+    pm = lambda v, e, k, unit: "–" if v is None else f"{k * v:+.3f} ± {k * (e or float('nan')):.3f} {unit}"
+    model = info.get("model") or {}
+    pairs = [(f"size slope ({_e(info.get('size_measure'))}), {info.get('size_n')} stars",
+              pm(info["size_slope"], info.get("size_slope_err"), 100, "% per decade of flux")),
+             ("PSF - aperture slope", pm(info.get("apcorr_slope"), info.get("apcorr_slope_err"), 1e3, "mmag/mag")),
+             (f"flux-dependent PSF (--brighter-fatter {_e(info.get('mode'))})",
+              pm(model.get("slope"), model.get("slope_err"), 100, "% per decade") if model else "off")]
+    if info.get("after"):
+        pairs.append(("PSF - aperture slope with it", pm(info["after"].get("apcorr_slope"), info["after"].get("apcorr_slope_err"), 1e3, "mmag/mag")))
+    return "<h3>Brighter-fatter</h3>" + _kv(pairs)
 
 
 def _run_section(summary, meta):

@@ -67,7 +67,7 @@ ZTF_SATURATION = 50000.0  # ADU; a typical SATURATE of a ZTF sciimg
 ZTF_EXPTIME = 30.0
 #: Brighter-fatter slope measured on the study's real ZTF quadrant (fractional fwhm change
 #: per decade of flux; README "Brighter-fatter"): the amplitude the tests inject.
-ZTF_BF_SLOPE = 0.0075
+ZTF_BF_SLOPE = 0.004
 _FILTER_ID = {"zg": 1, "zr": 2, "zi": 3}
 
 

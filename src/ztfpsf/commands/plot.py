@@ -12,7 +12,7 @@ def add_arguments(p):
                    help="<stem>.stars.parquet results file(s); or benchmark timings .json file(s), "
                    "drawn in one timing figure")
     p.add_argument("--image", help="FITS image the results come from (default: the path recorded in the results)")
-    p.add_argument("--kind", action="append", choices=("stars", "maps", "residuals", "loss", "psf"),
+    p.add_argument("--kind", action="append", choices=("stars", "maps", "residuals", "loss", "psf", "brighter_fatter"),
                    help="figure kind; repeat for several (default: every kind the outputs allow)")
     p.add_argument("--ids", nargs="+", metavar="ID", help="draw these stars (values of the 'id' column)")
     p.add_argument("--worst", type=int, default=None, metavar="N",

@@ -22,6 +22,7 @@ FIGSIZE = {
     "loss": (12.0, 4.2),
     "timing": (15.0, 4.4),
     "psf": (15.0, 4.4),
+    "brighter_fatter": (13.0, 4.6),
 }
 
 #: Colour maps: sequential for images and maps, diverging for signed residuals.

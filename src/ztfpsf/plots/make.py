@@ -9,6 +9,7 @@ from ..io.results import result_paths
 from . import _data
 from .loss import compute_loss, plot_loss
 from .maps import compute_maps, load_psf_model, plot_maps
+from .brighter_fatter import compute_brighter_fatter, plot_brighter_fatter
 from .psf import compute_psf, plot_psf
 from .residuals import compute_residuals, plot_residuals
 from .stars import plot_stars
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 __all__ = ["KINDS", "Run", "load_run", "make_figures", "make_timing_figure"]
 
 #: Figure kinds drawn from a results file.
-KINDS = ("stars", "maps", "residuals", "loss", "psf")
+KINDS = ("stars", "maps", "residuals", "loss", "psf", "brighter_fatter")
 
 
 class Run:
@@ -103,6 +104,8 @@ def _draw(kind, run, out_dir, fmt, ids, worst, typical):
         plot_loss(compute_loss({run.table.meta.get("method", "fit"): run.history}, dof=dof), path)
     elif kind == "psf":
         plot_psf(compute_psf(run.psf_model, run.psf_model.meta.get("reserve_by_snr")), path)
+    elif kind == "brighter_fatter":
+        plot_brighter_fatter(compute_brighter_fatter(run.table, run.psf_model, run.image, run.mask), path)
     return [path]
 
 
@@ -115,7 +118,8 @@ def make_figures(results, *, out_dir=None, kinds=None, image=None, ids=None, wor
     message. A kind asked for by name that cannot be drawn raises ValueError saying why.
     ``out_dir`` defaults to the results file's folder. File names:
     ``<stem>.star-<id>.png``, ``<stem>.maps.png``, ``<stem>.residuals.png``, ``<stem>.loss.png``,
-    ``<stem>.psf.png`` (the PSF model: its stamp, residual surface, reserve stars by S/N).
+    ``<stem>.psf.png`` (the PSF model: its stamp, residual surface, reserve stars by S/N),
+    ``<stem>.brighter_fatter.png`` (size and PSF - aperture magnitude against flux).
     """
     run = results if isinstance(results, Run) else load_run(results, image=image, psf=psf, history=history)
     if out_dir is None:
@@ -134,6 +138,8 @@ def make_figures(results, *, out_dir=None, kinds=None, image=None, ids=None, wor
             why = "no stars chosen (ids, worst, typical)"
         elif kind == "loss" and run.history is None:
             why = "no loss history recorded for this run (fit with history to get one)"
+        elif kind == "brighter_fatter" and run.psf_model is None:
+            why = "the brighter-fatter figure measures stars against a PSF model (fit with --psf shared|varying)"
         elif kind == "psf" and run.psf_model is None:
             why = "no PSF model file beside the results (fit with --psf shared|varying to get one)"
         if why:

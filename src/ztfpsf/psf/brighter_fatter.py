@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "size_factor", "size_shift", "SIZE_INDICES", "robust_line", "size_trend", "aperture_trend", "diagnose",
-    "fit_slope", "apply", "AUTO_SIGMA", "MODES", "SLOPE_UNIT",
+    "fit_slope", "apply", "AUTO_SIGMA", "MODES", "SLOPE_UNIT", "star_sizes", "size_points", "aperture_points",
+    "remeasure", "with_law",
 ]  # fmt: skip
 
 #: Indices of each model's size parameters among its internal shape parameters (log widths).
@@ -207,7 +208,18 @@ def size_trend(table, psf=None, *, sizes=None, min_snr=20.0):
     flags``. Returns :func:`robust_line`'s dict with keys prefixed ``size_`` and
     ``size_measure`` (``'size fit'`` or ``'free fit fwhm'``).
     """
+    x, y, err, measure = size_points(table, psf, sizes=sizes, min_snr=min_snr)
+    fit = robust_line(x, y, err)
+    return dict({f"size_{k}": v for k, v in fit.items()}, size_measure=measure)
+
+
+def size_points(table, psf=None, *, sizes=None, min_snr=20.0):
+    """The points of :func:`size_trend`: ``log10 flux``, ``ln size`` and its error (NaN for
+    stars not used), and the measure's name. ``sizes`` default: the table's ``ln_size,
+    ln_size_err`` columns when it has them (:func:`apply` adds them)."""
     sel = _clean(table, min_snr)
+    if sizes is None and "ln_size" in table.colnames:
+        sizes = (table["ln_size"], table["ln_size_err"])
     if sizes is not None:
         y, err = (np.asarray(v, np.float64) for v in sizes)
         measure = "size fit"
@@ -223,8 +235,7 @@ def size_trend(table, psf=None, *, sizes=None, min_snr=20.0):
         measure = "free fit fwhm"
     with np.errstate(invalid="ignore", divide="ignore"):
         x = np.log10(np.asarray(table["flux"], dtype=np.float64))
-    fit = robust_line(np.where(sel, x, np.nan), y, err)
-    return dict({f"size_{k}": v for k, v in fit.items()}, size_measure=measure)
+    return np.where(sel, x, np.nan), y, err, measure
 
 
 def _difference_error(flux, flux_err, ap, background, radius, gain, read_noise):
@@ -252,6 +263,16 @@ def aperture_trend(image, table, radius, *, mask=None, zeropoint=None, mag_range
     (read_noise/gain)**2``). Returns :func:`robust_line`'s dict prefixed ``apcorr_``, with
     ``apcorr_mag_range``.
     """
+    mag, diff, err, out_range = aperture_points(image, table, radius, mask=mask, zeropoint=zeropoint, mag_range=mag_range,
+                                                gain=gain, read_noise=read_noise, min_snr=min_snr)
+    fit = robust_line(mag, diff, err)
+    return dict({f"apcorr_{k}": v for k, v in fit.items()}, apcorr_mag_range=out_range, apcorr_radius=float(radius))
+
+
+def aperture_points(image, table, radius, *, mask=None, zeropoint=None, mag_range=(14.0, 19.0), gain=None,
+                    read_noise=None, min_snr=20.0):
+    """The points of :func:`aperture_trend`: magnitude, PSF - aperture magnitude, its error
+    (NaN for stars not used) and the magnitude range applied (None without a zero point)."""
     from ..apcorr import aperture_fluxes
 
     flux = np.asarray(table["flux"], dtype=np.float64)
@@ -269,8 +290,7 @@ def aperture_trend(image, table, radius, *, mask=None, zeropoint=None, mag_range
         with np.errstate(invalid="ignore", divide="ignore"):
             diff[sel] = -2.5 * np.log10(flux[sel] / ap)
             err[sel] = _difference_error(flux[sel], np.asarray(table["flux_err"], np.float64)[sel], ap, bg, radius, gain, rn)
-    fit = robust_line(mag, diff, err)
-    return dict({f"apcorr_{k}": v for k, v in fit.items()}, apcorr_mag_range=out_range, apcorr_radius=float(radius))
+    return mag, diff, err, out_range
 
 
 def diagnose(table, psf=None, image=None, *, stamps=None, mask=None, zeropoint=None, gain=None, read_noise=None,
@@ -281,7 +301,7 @@ def diagnose(table, psf=None, image=None, *, stamps=None, mask=None, zeropoint=N
     :func:`aperture_trend`; ``size_unit``, ``apcorr_unit`` and ``significant`` (size slope
     beyond :data:`AUTO_SIGMA` sigma)."""
     sizes = None
-    if psf is not None and stamps is not None and len(SIZE_INDICES[psf.model.name]) == 1:
+    if psf is not None and stamps is not None and len(SIZE_INDICES[psf.model.name]) == 1 and "ln_size" not in table.colnames:
         sizes = star_sizes(psf, stamps.data, stamps.origin, table, mask=stamps.mask, gain=gain, read_noise=read_noise,
                            saturation=saturation, backend=backend)
     out = dict(size_trend(table, psf, sizes=sizes, min_snr=min_snr), size_unit=SLOPE_UNIT, apcorr_unit="mag per mag")
@@ -440,13 +460,18 @@ def apply(mode, psf, table, *, stamps=None, image=None, mask=None, zeropoint=Non
           saturation=None, backend="auto"):
     """The pipeline's step: diagnose, and with ``mode`` 'on' (or 'auto' and a significant
     size slope) fit the law and re-measure the stars. Returns ``(psf, table, info)``:
-    ``info`` the diagnostic plus ``model`` (the fit's info, or None) and ``mode``. Without
-    a PSF (independent fits) only the size trend is measured."""
+    ``info`` the diagnostic plus ``model`` (the fit's info, or None) and ``mode``; the
+    table gains the stars' ``ln_size, ln_size_err`` (:func:`star_sizes`, relative to the
+    flux-independent PSF) with a Moffat PSF and stamps. Without a PSF (independent fits)
+    only the size trend of the free fits is measured."""
     if mode not in MODES:
         raise ValueError(f"brighter_fatter must be one of {MODES}; got {mode!r}")
     stamp_mask = None if stamps is None else stamps.mask
-    info = diagnose(table, psf, image, stamps=stamps, mask=mask, zeropoint=zeropoint, gain=gain, read_noise=read_noise,
-                    saturation=saturation, backend=backend)
+    if psf is not None and stamps is not None and len(SIZE_INDICES[psf.model.name]) == 1:
+        table = table.copy(copy_data=False)
+        table["ln_size"], table["ln_size_err"] = star_sizes(psf, stamps.data, stamps.origin, table, mask=stamp_mask, gain=gain,
+                                                            read_noise=read_noise, saturation=saturation, backend=backend)
+    info = diagnose(table, psf, image, mask=mask, zeropoint=zeropoint, gain=gain, read_noise=read_noise)
     info.update(mode=mode, model=None)
     wanted = mode == "on" or (mode == "auto" and info["significant"])
     if psf is None or stamps is None or not wanted:
