@@ -54,7 +54,7 @@ def _next_pow2(n):
     return 1 << max(0, int(np.ceil(np.log2(max(n, 1)))))
 
 
-def _bucket(n):
+def bucket(n):
     """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x them) >= n:
     few distinct shapes to compile, at most a third of a batch padded."""
     p = _next_pow2(n)
@@ -99,7 +99,7 @@ def _batches(n, chunk, batch, ndev):
     out = [(i, i + batch, batch) for i in range(0, n - n % batch, batch)]
     rest = n % batch
     if rest:
-        size = ndev * chunk * _bucket(-(-rest // (ndev * chunk)))
+        size = ndev * chunk * bucket(-(-rest // (ndev * chunk)))
         out.append((n - rest, n, size))
     return out
 

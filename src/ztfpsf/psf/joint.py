@@ -50,7 +50,7 @@ from .._jax import with_x64
 from ..fitting import linalg
 from ..fitting.api import _per_star, border_variance, check_variance, value_columns
 from ..fitting.api import noise_mode as noise_mode_of
-from ..fitting.batching import select_devices
+from ..fitting.batching import bucket, select_devices
 from ..fitting.lm import lm_solve
 from ..fitting.moments import initial_guess
 from ..fitting.objective import flatten, model_image, noise_weight, normal_equations, pixel_grid
@@ -314,8 +314,10 @@ def _compiled(model, opts, n_terms, devices):
 
 
 def _padded_size(n, ndev):
-    """Stars per program: per device a power of two (>= 8)."""
-    return max(8, 1 << int(np.ceil(np.log2(max(-(-n // ndev), 1))))) * ndev
+    """Stars per program: per device the batching rule's bucket (>= 8; a power of two or
+    1.5x one), a whole number of chunks."""
+    per = max(8, bucket(-(-n // ndev)))
+    return (-(-per // _CHUNK) * _CHUNK if per > _CHUNK else per) * ndev
 
 
 def _pad(a, total):

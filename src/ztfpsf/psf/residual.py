@@ -234,7 +234,7 @@ def residual_nodes(rho, T):
     return T @ rho
 
 
-def _star_terms(grid, core, data, valid, variance, noise, local, u, r_prev, T, noise_mode):
+def _star_terms(grid, core, data, valid, variance, noise, local, u, r_prev, T, used, noise_mode, free):
     """One chunk of stars: their share of the Gauss-Newton system of the surface.
 
     Each star's model is ``f (A + S) + b``; its local parameters (flux, x, y, background)
@@ -244,8 +244,10 @@ def _star_terms(grid, core, data, valid, variance, noise, local, u, r_prev, T, n
     with rows (star, pixel row): ``L = T_t f^2 By[y, k] By[y, m]``, ``R = T_s sum_x w
     Bx[x, j] Bx[x, l]``: one large matrix product, the per-star 4-index blocks never
     exist), ``E`` (rows (star, local parameter)) with ``E^T E`` the Schur term, the
-    surface's gradient ``g (K, n, n)`` and its Schur correction ``h (K * size)``, and the
-    pieces of each star's own step.
+    surface's gradient ``g (K, n, n)`` and its Schur correction ``h`` and the pieces of
+    each star's own step (for every star; ``used`` (c,) weighs the star's share of the
+    surface's system). ``E``, ``h`` and ``B`` hold only the ``free`` nodes (indices into
+    ``K * size``): those beyond the radius stay zero and cost nothing.
     """
     c, ny, nx = data.shape
     f64 = jnp.float64
@@ -279,16 +281,16 @@ def _star_terms(grid, core, data, valid, variance, noise, local, u, r_prev, T, n
     A = jnp.einsum("clyx,cyx,cmyx->clm", J, w, J) + 1e-12 * jnp.eye(4)
     gl = jnp.einsum("clyx,cyx->cl", J, w * resid)
     # local-surface block B (c, 4, K*G): d model/d node = T_t f By Bx
-    B = jnp.einsum("ct,c,clyx,cyx,cyk,cxj->cltkj", T, flux, J, w, by, bx).reshape(c, 4, K * n * n)
+    B = jnp.einsum("ct,c,clyx,cyx,cyk,cxj->cltkj", T, flux, J, w, by, bx).reshape(c, 4, K * n * n)[..., free]
     chol = jnp.linalg.cholesky(A)
-    E = jax.scipy.linalg.solve_triangular(chol, B, lower=True)  # L^-1 B: B^T A^-1 B = E^T E
+    E = jax.scipy.linalg.solve_triangular(chol, B, lower=True) * used[:, None, None]  # L^-1 B: B^T A^-1 B = E^T E
     q = jax.scipy.linalg.solve_triangular(chol, gl[..., None], lower=True)[..., 0]  # L^-1 g_l
     win = _row_windows(grid, ny)
-    L = jnp.einsum("ct,c,cyk,cym->cytkm", T, flux * flux, _take_rows(by, win), _take_rows(by, win))
+    L = jnp.einsum("ct,c,cyk,cym->cytkm", T, used * flux * flux, _take_rows(by, win), _take_rows(by, win))
     R = jnp.einsum("cs,cyx,cxj,cxl->cysjl", T, w, bx, bx).reshape(c, ny, K * n * n)
-    g = jnp.einsum("ct,c,cyx,cyk,cxj->tkj", T, flux, w * resid, by, bx)
+    g = jnp.einsum("ct,c,cyx,cyk,cxj->tkj", T, used * flux, w * resid, by, bx)
     h = jnp.einsum("clp,cl->p", E, q)  # B^T A^-1 g_l
-    return L, R, E.reshape(c * 4, K * n * n), g, h, (A, gl, B)
+    return L, R, E.reshape(c * 4, len(free)), g, h, (A, gl, B)
 
 
 #: Stars farther than this from their stamp's centre pixel [px] are left out of the
@@ -313,16 +315,13 @@ def _take_rows(b, win):
     return jnp.take_along_axis(b, jnp.asarray(win)[None], axis=2)
 
 
-#: Prior sd of the nodes outside the grid's radius: zero for all purposes.
-OUTSIDE_SD = 1e-8
-
-
 def residual_prior(opts):
-    """Prior precision of one spatial term's nodes ``(size, size)`` (numpy: passed to the
-    compiled solve as data, not folded into it as a constant)."""
+    """Prior precision of one spatial term's nodes ``(size, size)``: ridge and smoothness
+    (numpy: passed to the compiled solve as data, not folded into it as a constant). The
+    solve keeps only the nodes within the radius; the others are zero, which the
+    smoothness term sees as its boundary."""
     D = opts.grid.smoothness()
-    ridge = np.where(opts.grid.outside(), 1.0 / OUTSIDE_SD**2, 1.0 / opts.ridge**2)
-    return np.diag(ridge) + D.T @ D / opts.smooth**2
+    return np.eye(opts.grid.size) / opts.ridge**2 + D.T @ D / opts.smooth**2
 
 
 def solve_residual(core, opts, prior, constraints, data, valid, variance, noise, local, u, r_prev, rho_prev, T, use):
@@ -352,45 +351,43 @@ def solve_residual(core, opts, prior, constraints, data, valid, variance, noise,
     win = _row_windows(grid, data.shape[1])
     w, n1 = win.shape[1], grid.n
 
+    free = np.flatnonzero(np.tile(~grid.outside(), K))  # the nodes within the radius
+    F = len(free)
+
     def body(acc, c):
         d, v, var, nz, lo, uu, rp, t, wu = c
-        t = t * wu[:, None]  # stars not used contribute nothing
-        L, R, E, g, h, _ = _star_terms(grid, core, d, v, var, nz, lo, uu, rp, t, opts.noise)
+        L, R, E, g, h, own = _star_terms(grid, core, d, v, var, nz, lo, uu, rp, t, wu, opts.noise, free)
         # per pixel row y: rows (t, k, m) of its node window times columns (s, j, l)
         blocks = jnp.einsum("cya,cyb->yab", L.reshape(L.shape[0], L.shape[1], K * w * w), R)
-        return (acc[0] + blocks, acc[1] + E.T @ E, acc[2] + g, acc[3] + h), None
+        return (acc[0] + blocks, acc[1] + E.T @ E, acc[2] + g, acc[3] + h), own
 
-    zero = (jnp.zeros((win.shape[0], K * w * w, K * G), f64), jnp.zeros((K * G, K * G), f64),
-            jnp.zeros((K, n1, n1), f64), jnp.zeros(K * G, f64))
-    (blocks, schur, g, h), _ = jax.lax.scan(body, zero, xs)
+    zero = (jnp.zeros((win.shape[0], K * w * w, K * G), f64), jnp.zeros((F, F), f64),
+            jnp.zeros((K, n1, n1), f64), jnp.zeros(F, f64))
+    (blocks, schur, g, h), own = jax.lax.scan(body, zero, xs)
     N = jnp.zeros((K, n1, n1, K * G), f64)
     for y in range(win.shape[0]):  # each row's window into the full (t, k, m) rows
         N = N.at[:, win[y][:, None], win[y][None, :]].add(blocks[y].reshape(K, w, w, K * G))
     # rows (t, k, m) x columns (s, j, l) -> the normal matrix over (t, k, j) x (s, m, l)
     N = N.reshape(K, n1, n1, K, n1, n1).transpose(0, 1, 4, 3, 2, 5).reshape(K * G, K * G)
-    Pk = jnp.kron(jnp.eye(K, dtype=f64), prior)
+    sub = lambda M: M[free][:, free]
+    Pk = sub(jnp.kron(jnp.eye(K, dtype=f64), prior))
     rho_prev = rho_prev.reshape(K * G).astype(f64)
-    H = N - schur + Pk
-    rhs = g.reshape(K * G) - h - Pk @ rho_prev
-    C = jnp.kron(jnp.eye(K, dtype=f64), constraints)
+    H = sub(N) - schur + Pk
+    rhs = g.reshape(K * G)[free] - h - Pk @ rho_prev[free]
+    C = jnp.kron(jnp.eye(K, dtype=f64), constraints)[:, free]
     chol = jnp.linalg.cholesky(H)
     solve = lambda z: jax.scipy.linalg.cho_solve((chol, True), z)
     step0 = solve(rhs)
     Y = solve(C.T)
-    lam = jnp.linalg.solve(C @ Y, C @ (rho_prev + step0))  # the new surface meets the constraints
+    lam = jnp.linalg.solve(C @ Y, C @ (rho_prev[free] + step0))  # the new surface meets the constraints
     step = step0 - Y @ lam
-    local_new = _local_steps(grid, core, opts, xs, step, local, nc)
-    return (rho_prev + step).reshape(K, G), local_new
+    local_new = _local_steps(own, step, local)
+    return rho_prev.at[free].add(step).reshape(K, G), local_new
 
 
-def _local_steps(grid, core, opts, xs, step, local, nc):
-    """Each star's own Gauss-Newton step given the surface's: ``A^-1 (g_l - B step)``."""
-
-    def one(c):
-        d, v, var, nz, lo, uu, rp, t, wu = c
-        _, _, _, _, _, (A, gl, B) = _star_terms(grid, core, d, v, var, nz, lo, uu, rp, t, opts.noise)
-        dl = jnp.linalg.solve(A, (gl - B @ step)[..., None])[..., 0]
-        return lo + jnp.where(jnp.all(jnp.isfinite(dl), axis=1, keepdims=True), dl, 0.0)
-
-    out = jax.lax.map(one, xs)
-    return out.reshape(local.shape)
+def _local_steps(own, step, local):
+    """Each star's own Gauss-Newton step given the surface's: ``A^-1 (g_l - B step)``, from
+    the pieces ``(A, g_l, B)`` each chunk kept."""
+    A, gl, B = (a.reshape((-1,) + a.shape[2:]) for a in own)
+    dl = jnp.linalg.solve(A, (gl - B @ step)[..., None])[..., 0]
+    return local + jnp.where(jnp.all(jnp.isfinite(dl), axis=1, keepdims=True), dl, 0.0)
