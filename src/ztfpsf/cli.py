@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from ._jax import configure
 
-COMMANDS = ("demo", "simulate", "fit", "photometry", "alert", "plot", "report")
+COMMANDS = ("demo", "simulate", "fit", "photometry", "catalog", "alert", "plot", "report")
 
 
 class UserError(Exception):

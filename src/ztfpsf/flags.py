@@ -31,6 +31,7 @@ class Flag(IntFlag):
     OUTSIDE_PSF = 8192
     BLENDED = 16384
     EXTRAPOLATED = 32768
+    NEIGHBOUR = 65536
 
 
 _MEANINGS = {
@@ -51,6 +52,7 @@ _MEANINGS = {
     Flag.OUTSIDE_PSF: "position outside the PSF model's region of validity; values are NaN",
     Flag.EXTRAPOLATED: "position outside the convex hull of the stars that fitted the PSF: its spatial polynomial is extrapolated there; values kept",
     Flag.BLENDED: "another source's light shifts the flux by more than half its error (a catalogue neighbour, or a point source in the residual off the centre); values kept",
+    Flag.NEIGHBOUR: "PSF-fit catalogue: another source inside the fit disc was not fitted together with this one (its group was too large and fitted in pieces): its light was subtracted as fitted; values kept",
 }
 
 #: Bits whose rows carry NaN values (forced photometry's ``OFF_IMAGE`` rows are NaN too).

@@ -31,9 +31,22 @@ from .psf.measure import measure_stamps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["photometry", "positions_xy"]
+__all__ = ["photometry", "positions_xy", "magnitudes"]
 
 _MAG_PER_LN = 2.5 / np.log(10.0)  # 1.0857: mag_err = 1.0857 * flux_err / flux
+
+
+def magnitudes(flux, flux_err, zeropoint):
+    """``mag = zeropoint - 2.5 log10(flux)`` and ``mag_err = 1.0857 flux_err / flux``; NaN
+    for ``flux <= 0`` or without a zero point."""
+    flux, flux_err = np.asarray(flux, np.float64), np.asarray(flux_err, np.float64)
+    pos = np.isfinite(flux) & (flux > 0)
+    if zeropoint is None:
+        return np.full(flux.shape, np.nan), np.full(flux.shape, np.nan)
+    safe = np.where(pos, flux, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(pos, float(zeropoint) - 2.5 * np.log10(safe), np.nan),
+                np.where(pos, _MAG_PER_LN * flux_err / safe, np.nan))
 
 
 def _names(table):
@@ -300,15 +313,7 @@ def photometry(
         out["ra"], out["dec"] = ra, dec
     for k in ("flux", "flux_err", "background", "background_err", "fwhm"):
         out[k] = cols[k]
-    flux, ferr = cols["flux"], cols["flux_err"]
-    pos_flux = np.isfinite(flux) & (flux > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if zeropoint is not None:
-            out["mag"] = np.where(pos_flux, float(zeropoint) - 2.5 * np.log10(np.where(pos_flux, flux, 1.0)), np.nan)
-            out["mag_err"] = np.where(pos_flux, _MAG_PER_LN * ferr / np.where(pos_flux, flux, 1.0), np.nan)
-        else:
-            out["mag"] = np.full(n, np.nan)
-            out["mag_err"] = np.full(n, np.nan)
+    out["mag"], out["mag_err"] = magnitudes(cols["flux"], cols["flux_err"], zeropoint)
     out["chi2"] = cols["chi2"]
     out["dof"] = dof
     out["flags"] = flags.astype(np.int32)

@@ -4,6 +4,12 @@ A matrix is a dict ``{(i, j): array}`` for ``i >= j`` whose entries are arrays o
 stars of a batch. Unrolling the 4-8 parameter Cholesky into elementwise operations keeps
 every star's solve vectorised; XLA's batched ``linalg.solve`` on CPU is far slower for
 such small matrices (jax#11321).
+
+A larger system (a group of sources fitted together, tens of parameters) is passed as one
+stacked array ``(batch, n, n)`` instead of a dict: the unrolled program would grow as
+``n**3``, so :func:`solve` and :func:`inverse` factorise it with XLA's batched Cholesky,
+with the same scaling, damping and ``ok``. :data:`UNROLL_MAX` is the size up to which a
+caller should prefer the dict.
 """
 
 import jax
@@ -12,6 +18,8 @@ import jax.numpy as jnp
 __all__ = ["cholesky", "solve", "inverse", "whitening", "to_dense"]
 
 _TINY = 1e-30
+#: Largest system worth unrolling (dict form); larger ones are passed as stacked arrays.
+UNROLL_MAX = 8
 
 
 def cholesky(A, n):
@@ -42,12 +50,36 @@ def _backward(L, z, n):
     return x
 
 
+def _dense_factor(A, n, damping=None):
+    """Jacobi scales ``s (batch, n)``, Cholesky factors of the scaled (damped) stacked
+    matrices (the identity where not positive definite) and ``ok``."""
+    s = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(A, axis1=-2, axis2=-1), _TINY))
+    eye = jnp.eye(n, dtype=A.dtype)
+    As = A * s[..., :, None] * s[..., None, :]
+    if damping is not None:
+        As = As + jnp.asarray(damping)[..., None, None] * eye
+    L = jnp.linalg.cholesky(As)
+    ok = jnp.all(jnp.isfinite(L), axis=(-2, -1)) & jnp.all(jnp.diagonal(L, axis1=-2, axis2=-1) > 0, axis=-1)
+    return s, jnp.where(ok[..., None, None], L, eye), ok
+
+
+def _cho_solve(L, rhs):
+    """``(L L^T)^-1 rhs`` for stacked factors ``L (..., n, n)`` and ``rhs (..., n, m)``."""
+    z = jax.lax.linalg.triangular_solve(L, rhs, left_side=True, lower=True)
+    return jax.lax.linalg.triangular_solve(L, z, left_side=True, lower=True, transpose_a=True)
+
+
 def solve(A, b, n, damping=None):
     """Solve ``(A + damping * diag(A)) x = b`` with Jacobi scaling (Marquardt's form).
 
     Scaling by ``diag(A)`` first makes the float32 factorisation well conditioned when
-    parameters differ by orders of magnitude (flux vs. position).
+    parameters differ by orders of magnitude (flux vs. position). ``A``: the dict, or a
+    stacked array ``(batch, n, n)``; ``b``: a list of ``n`` arrays; returns a list.
     """
+    if not isinstance(A, dict):
+        s, L, ok = _dense_factor(A, n, damping)
+        x = _cho_solve(L, (jnp.stack(list(b), axis=-1) * s)[..., None])[..., 0] * s
+        return [x[..., i] for i in range(n)], ok
     s = [jax.lax.rsqrt(jnp.maximum(A[i, i], _TINY)) for i in range(n)]
     As = {}
     for i in range(n):
@@ -61,7 +93,12 @@ def solve(A, b, n, damping=None):
 
 
 def inverse(A, n):
-    """Inverse of the symmetric positive definite ``A`` (same dict layout) and ``ok``."""
+    """Inverse of the symmetric positive definite ``A`` (same dict layout, or a stacked
+    array for a stacked array) and ``ok``."""
+    if not isinstance(A, dict):
+        s, L, ok = _dense_factor(A, n)
+        eye = jnp.broadcast_to(jnp.eye(n, dtype=A.dtype), L.shape)
+        return _cho_solve(L, eye) * s[..., :, None] * s[..., None, :], ok
     s = [jax.lax.rsqrt(jnp.maximum(A[i, i], _TINY)) for i in range(n)]
     As = {(i, j): A[i, j] * s[i] * s[j] for i in range(n) for j in range(i + 1)}
     L, ok = cholesky(As, n)

@@ -15,13 +15,19 @@ Large chunks (an accelerator's) would otherwise run every star for as many itera
 their slowest one needs: there, all stars get ``_BULK_ITER`` iterations, then the stars
 still running are gathered into a sub-batch of 1/16 of the chunk and finished there,
 round after round (static shapes, still one compiled program).
+
+The parameter vector is one star's (:mod:`ztfpsf.fitting.objective`) unless ``model``
+brings its own ``normal_equations(free, theta, data, weight, xx, yy)``: a group of
+sources fitted together (:class:`ztfpsf.psf.groups.GroupModel`) runs through the same
+loop, one group per row, its normal matrix a dict or, for many parameters, stacked
+matrices (:mod:`ztfpsf.fitting.linalg`).
 """
 
 import jax
 import jax.numpy as jnp
 
 from . import linalg
-from .objective import normal_equations
+from .objective import normal_equations as _star_equations
 
 __all__ = ["lm_solve"]
 
@@ -30,6 +36,14 @@ _LAMBDA_MIN = 1e-9
 _LAMBDA_MAX = 1e10
 _COMPACT_MIN = 4096  # chunks at least this large finish their stragglers in a sub-batch
 _BULK_ITER = 6
+
+
+def normal_equations(model, free, theta, data, weight, xx, yy):
+    """chi2, A, g of every row: the model's own equations when it has them, else one star's."""
+    own = getattr(model, "normal_equations", None)
+    if own is not None:
+        return own(free, theta, data, weight, xx, yy)
+    return _star_equations(model, free, theta, data, weight, xx, yy)
 
 
 def _next_step(A, g, lam, n):
@@ -48,8 +62,8 @@ def _iterate(model, free, opts, data, weight, xx, yy, s):
     trial = s["theta"].at[:, jnp.asarray(free)].add(jnp.stack(s["step"], axis=1))
     c2, A2, g2 = normal_equations(model, free, trial, data, weight, xx, yy)
     accept = live & s["ok"] & (c2 < s["chi2"])
-    pick = lambda new, old: jnp.where(accept, new, old)
-    A = {k: pick(A2[k], s["A"][k]) for k in s["A"]}
+    pick = lambda new, old: jnp.where(accept.reshape(accept.shape + (1,) * (new.ndim - 1)), new, old)
+    A = jax.tree.map(pick, A2, s["A"])  # a dict of entries, or stacked matrices
     g = [pick(a, b) for a, b in zip(g2, s["g"])]
     lam = jnp.where(accept, jnp.maximum(s["lam"] * 0.3, _LAMBDA_MIN), jnp.where(live, s["lam"] * 10.0, s["lam"]))
     step, decrement, ok = _next_step(A, g, lam, n)
