@@ -57,7 +57,7 @@ class FitConfig:
     degree: int = 2
     psf_model: str = "auto"
     reserve: float = 0.1
-    brighter_fatter: str = "auto"
+    brighter_fatter: str = "off"
     seed: int = 0
     noise: str = "measured"
     overwrite: bool = False

@@ -23,9 +23,9 @@ def add_arguments(p):
     p.add_argument("--psf-model", choices=("auto", "analytic", "hybrid"), default="auto",
                    help="with --psf shared|varying: analytic profile, or hybrid = analytic + pixel residual surface "
                         "(default auto: hybrid from 50 selected stars on)")
-    p.add_argument("--brighter-fatter", choices=("auto", "on", "off"), default="auto",
-                   help="flux-dependent PSF size (brighter-fatter) with --psf shared|varying: auto (default) when the "
-                        "stars' size grows with flux beyond 3 sigma, on, or off (the size/flux diagnostic only)")
+    p.add_argument("--brighter-fatter", choices=("auto", "on", "off"), default="off",
+                   help="flux-dependent PSF size (brighter-fatter) with --psf shared|varying: off (default: the size/flux "
+                        "diagnostic only), on, or auto (when the stars' size trend and the law's slope exceed 3 sigma)")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of stars kept out of a joint PSF fit to score it")
     p.add_argument("--out", default="ztfpsf-out", help="output directory (default ztfpsf-out)")
     p.add_argument("--mask", help="mask FITS for the image (non-zero = bad; ZTF bits for a mskimg); default: the mskimg beside a sciimg")

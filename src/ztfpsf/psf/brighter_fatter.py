@@ -37,8 +37,11 @@ centre are uncorrelated).
 
 :func:`apply` is what the pipeline calls (``--brighter-fatter auto|on|off``): ``off``
 only diagnoses; ``on`` fits ``b`` and re-measures every star with the flux-dependent PSF;
-``auto`` (default) does so when the diagnostic's size slope is significant (above
-:data:`AUTO_SIGMA` sigma). Host-side numpy around the compiled per-star fits.
+``auto`` does so when the diagnostic's size slope is significant (above
+:data:`AUTO_SIGMA` sigma) and keeps the law only when its own slope is too. The
+pipeline's default is ``off``: on the real ZTF quadrant the law's slope is small and of
+the wrong sign for brighter-fatter (see the README) while fitting it costs more than the
+PSF. Host-side numpy around the compiled per-star fits.
 """
 
 import logging
@@ -477,14 +480,18 @@ def apply(mode, psf, table, *, stamps=None, image=None, mask=None, zeropoint=Non
     if psf is None or stamps is None or not wanted:
         return psf, table, info
     try:
-        psf, info["model"] = fit_slope(psf, stamps.data, stamps.origin, table, mask=stamp_mask, gain=gain,
+        law, info["model"] = fit_slope(psf, stamps.data, stamps.origin, table, mask=stamp_mask, gain=gain,
                                        read_noise=read_noise, saturation=saturation, backend=backend)
     except ValueError as err:
         log.warning("no flux-dependent PSF: %s", err)
         info["model_error"] = str(err)
         return psf, table, info
     log.info("brighter-fatter slope %.4g +- %.2g per decade of flux (reference flux %.4g ADU)",
-             psf.bf_slope, psf.bf_slope_err, psf.bf_ref)
+             law.bf_slope, law.bf_slope_err, law.bf_ref)
+    if mode == "auto" and not abs(law.bf_slope) > AUTO_SIGMA * law.bf_slope_err:
+        info["model"]["kept"] = False  # the trend was not the law's: the flux-independent PSF stays
+        return psf, table, info
+    psf = law
     table = remeasure(psf, stamps.data, stamps.origin, table, mask=stamp_mask, gain=gain, read_noise=read_noise,
                       saturation=saturation, backend=backend)
     after = diagnose(table, psf, image, mask=mask, zeropoint=zeropoint, gain=gain, read_noise=read_noise)
