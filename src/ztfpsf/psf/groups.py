@@ -37,6 +37,7 @@ from ..fitting import linalg
 from ..fitting.batching import run_chunked, select_devices
 from ..fitting.lm import lm_solve
 from ..fitting.objective import _profile_and_jacobian, flatten, noise_weight, pixel_grid
+from ..fitting.objective import normal_equations as _star_equations
 from ..flags import Flag
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,9 @@ class GroupModel:
         ``3K + 1`` free parameters, with the position prior; padded members get a unit
         diagonal (their step is 0)."""
         K, n = self.size, self.n_free
-        f, x, y, b, x0, y0, valid, _ = self.unpack(theta)
+        f, x, y, b, x0, y0, valid, blocks = self.unpack(theta)
+        if K == 1:  # one source: the one-star equations (fused reductions, unrolled solve)
+            return self._single(theta, data, weight, xx, yy)
         P, dPx, dPy = self.profiles(theta, xx, yy)
         r = data - jnp.einsum("gk,gkp->gp", f, P) - b[:, None]
         J = jnp.stack([P, f[..., None] * dPx, f[..., None] * dPy], axis=2).reshape(P.shape[0], 3 * K, -1)
@@ -127,9 +130,20 @@ class GroupModel:
         g = g + jnp.concatenate([jnp.stack([jnp.zeros_like(dx), pw * dx, pw * dy], axis=2).reshape(-1, 3 * K),
                                  jnp.zeros_like(b[:, None])], axis=1)
         chi2 = chi2 + jnp.sum(pw * (dx * dx + dy * dy), axis=1)
-        if self.size == 1:  # one source: the unrolled solve (fastest); groups: stacked matrices
-            A = {(i, j): A[:, i, j] for i in range(n) for j in range(i + 1)}
         return chi2, A, [g[:, i] for i in range(n)]
+
+    def _single(self, theta, data, weight, xx, yy):
+        """A group of one: :func:`ztfpsf.fitting.objective.normal_equations` of the star
+        ``[flux, x, y, shape, background]`` plus the position prior."""
+        f, x, y, b, x0, y0, valid, blocks = self.unpack(theta)
+        star = jnp.concatenate([f, x, y, blocks, b[:, None]], axis=1)
+        chi2, A, g = _star_equations(self.profile, (0, 1, 2, star.shape[1] - 1), star, data, weight, xx, yy)
+        pw = valid[:, 0] / self.prior_sigma**2
+        dx, dy = x0[:, 0] - x[:, 0], y0[:, 0] - y[:, 0]
+        A = dict(A)
+        A[1, 1], A[2, 2] = A[1, 1] + pw, A[2, 2] + pw
+        g = [g[0], g[1] + pw * dx, g[2] + pw * dy, g[3]]
+        return chi2 + pw * (dx * dx + dy * dy), A, g
 
 
 @dataclass(frozen=True)
@@ -138,7 +152,7 @@ class GroupOptions:
 
     noise: str = "model"  # 'model': gain/read noise per group; 'given': variance
     fit_radius: float = 6.0  # px: a member's own pixels (its chi2 and dof)
-    max_iter: int = 20  # per solve: a group still going by then is a blend the model lacks (flagged)
+    max_iter: int = 12  # per solve: a group still going by then is a blend the model lacks (flagged)
     tol: float = 1e-3
     history: bool = False  # read by fitting.lm
 
@@ -262,9 +276,18 @@ class Groups:
         return sum(len(m) for m in self.members.values())
 
 
+def _padded_rows(pieces, K):
+    """``(G, K)`` rows of the index arrays ``pieces``, padded with -1."""
+    out = np.full((len(pieces), K), -1, np.int64)
+    for r, piece in enumerate(pieces):
+        out[r, :len(piece)] = piece
+    return out
+
+
 def make_groups(x, y, link, use=None):
     """Group the sources at ``(x, y)`` (those with ``use``) by friends of friends with
-    linking length ``link`` [px]; groups that fit no padded size are split."""
+    linking length ``link`` [px]; groups that fit no padded size are split. Vectorised
+    over the groups (a quadrant has thousands); only the groups to split loop."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     n = len(x)
     use = np.ones(n, bool) if use is None else np.asarray(use, bool)
@@ -272,22 +295,43 @@ def make_groups(x, y, link, use=None):
     label = np.full(n, -1, np.int64)
     size = np.zeros(n, np.int32)
     split = np.zeros(n, bool)
+    members = {}
+    if not len(idx):
+        return Groups(label, size, members, split, float(link))
     fof = friends_of_friends(x[idx], y[idx], link)
     order = np.argsort(fof, kind="stable")
-    bounds = np.flatnonzero(np.diff(fof[order])) + 1
-    by_size = {K: [] for K in SIZES}
+    src = idx[order]  # sources sorted by group
+    start = np.concatenate([[0], np.flatnonzero(np.diff(fof[order])) + 1])
+    count = np.diff(np.concatenate([start, [len(src)]]))
+    span = lambda v: np.maximum.reduceat(v[src], start) - np.minimum.reduceat(v[src], start)
+    extent = np.maximum(span(x), span(y))
+    fits = np.full(len(start), -1)
+    for K in reversed(SIZES):  # the smallest size that holds each group
+        fits = np.where((count <= K) & (extent <= _SPAN[K] * link + 1e-9), K, fits)
+    pos = np.arange(len(src)) - np.repeat(start, count)  # position within the group
     gid = 0
-    for members in np.split(idx[order], bounds) if len(idx) else []:
-        K = _size_for(len(members), _extent(x[members], y[members]), link)
-        pieces = [members] if K is not None else _split(members, x, y, link)
-        if K is None:
-            split[members] = True
-        for piece in pieces:
-            K = _size_for(len(piece), _extent(x[piece], y[piece]), link)
-            by_size[K].append(np.pad(piece, (0, K - len(piece)), constant_values=-1))
+    for K in SIZES:
+        sel = np.flatnonzero(fits == K)
+        rows = np.full((len(sel), K), -1, np.int64)
+        rep = np.repeat(np.arange(len(sel)), count[sel])
+        take = np.flatnonzero(np.repeat(fits == K, count))  # sorted positions of those groups' members
+        rows[rep, pos[take]] = src[take]
+        members[K] = rows
+        label[src[take]] = gid + rep
+        size[src[take]] = count[sel][rep]
+        gid += len(sel)
+    pieces = {K: [] for K in SIZES}
+    for g in np.flatnonzero(fits < 0):
+        group = src[start[g]:start[g] + count[g]]
+        split[group] = True
+        for piece in _split(group, x, y, link):
+            pieces[_size_for(len(piece), _extent(x[piece], y[piece]), link)].append(piece)
             label[piece], size[piece] = gid, len(piece)
             gid += 1
-    members = {K: np.array(v, np.int64).reshape(-1, K) for K, v in by_size.items() if v}
+    for K, v in pieces.items():
+        if v:
+            members[K] = np.concatenate([members[K], _padded_rows(v, K)])
+    members = {K: m for K, m in members.items() if len(m)}
     if split.any():
         log.info("%d sources in groups too large for %d members were fitted in pieces", int(split.sum()), SIZES[-1])
     return Groups(label, size, members, split, float(link))
