@@ -109,7 +109,7 @@ def test_crowded_fluxes_are_unbiased_with_right_errors(crowded):
     use = (row >= 0) & (flags[row] == 0)
     flux, err = np.asarray(table["flux"])[row[use]], np.asarray(table["flux_err"])[row[use]]
     pull = (flux - truth["flux"][use]) / err
-    # measured: pull std 0.98, median bias -0.01 %, 836 unflagged stars of mag 14-20.5 (of 1,032)
+    # measured: pull std 0.97, median bias -0.04 %, 828 unflagged stars of mag 14-20.5 (of 1,032)
     assert use.sum() > 800
     assert 0.9 <= np.std(pull) <= 1.15
     assert abs(np.median(flux / truth["flux"][use] - 1.0)) < 0.003
@@ -132,7 +132,7 @@ def test_crowded_completeness_and_flags(crowded):
     bright = (truth["mag"] <= 19.0) & (truth["mag"] > 12)
     wide = nearest >= 2.0 * FWHM
     inside = (truth["x"] > 8) & (truth["x"] < NX - 9) & (truth["y"] > 8) & (truth["y"] < NY - 9)  # fit disc on the image
-    # measured: 97 % of the mag <= 19 stars at >= 2 FWHM come out as unflagged rows
+    # measured: 96 % of the mag <= 19 stars at >= 2 FWHM come out as unflagged rows
     assert np.mean(good[bright & wide & inside]) >= 0.95
     # the saturated stars: measured from their wings, flagged
     sat = np.flatnonzero(truth["mag"] < 12)
