@@ -367,12 +367,35 @@ def test_gain_is_overridable(batch, result):
 
 
 def test_compare_with_pipeline_table(result):
+    """The validation table on this subset meets the acceptance figures of the README
+    (measured on all 240 alerts: median -0.002, pull robust std 0.69, 97.6 % measured,
+    scatter below the pipeline's own magap - magpsf)."""
     cmp = _validation_module().compare_with_pipeline(result)
     row = cmp[(cmp["sample"] == "rb >= 0.5") & (cmp["bin"] == "all")][0]
-    real = result["rb"].to_numpy() >= 0.5
-    ok = result["flags"].to_numpy() == 0
-    assert row["n"] == real.sum() and row["n_measured"] == (real & ok).sum()
-    assert row["median_dmag"] == pytest.approx(np.median((result["mag"] - result["magpsf"]).to_numpy()[real & ok]))
+    assert row["n"] == (result["rb"].to_numpy() >= 0.5).sum() >= 12
+    assert row["frac_measured"] >= 0.9
+    assert abs(row["median_dmag"]) < 0.05
+    assert 0.3 < row["rstd_pull"] < 1.3
+    assert row["rstd_dmag"] < row["rstd_magap"]
+
+
+def test_non_positive_flux_keeps_its_values(batch, result):
+    """A forced flux <= 0 on the difference image is a measurement (a fading source), not a
+    failure: flagged NOT_POSITIVE (not a BAD bit), flux and error kept, no magnitude. The
+    real alerts' difference cutouts negated are such sources: the same flux, negative."""
+    from dataclasses import replace
+
+    assert not Flag.NOT_POSITIVE & BAD
+    real = np.flatnonzero((result["rb"].to_numpy() >= 0.5) & (result["flags"].to_numpy() == 0))
+    sub = batch.take(real)
+    faded = measure_batch(replace(sub, difference=-sub.difference))
+    flags = faded["flags"].to_numpy()
+    assert np.all((flags & Flag.NOT_POSITIVE) != 0) and np.all((flags & BAD) == 0)
+    assert np.all(np.isnan(faded["mag"])) and np.all(np.isfinite(faded["flux_err"]))
+    before = result.iloc[real]
+    pull = (faded["flux"].to_numpy() + before["flux"].to_numpy()) / before["flux_err"].to_numpy()
+    assert np.all(np.abs(pull) < 0.5)  # the same fit, mirrored (measured within 0.1 sigma)
+    assert np.all((result["flags"].to_numpy()[result["flux"].to_numpy() > 0] & Flag.NOT_POSITIVE) == 0)
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -544,5 +567,14 @@ def test_decode_cutout_errors():
 
 
 def test_config_defaults_documented():
+    """Every option is described in the class docstring, and the defaults are usable."""
+    from dataclasses import fields
+
+    from ztfpsf.alerts.config import ZTF_GAIN
+
+    doc = AlertPSFConfig.__doc__
+    missing = [f.name for f in fields(AlertPSFConfig) if f.name not in doc]
+    assert not missing, f"undocumented options: {missing}"
     cfg = AlertPSFConfig()
-    assert cfg.gain == 6.2 and cfg.stamp_size % 2 == 1 and cfg.star_size % 2 == 1
+    assert cfg.gain == ZTF_GAIN == 6.2 and cfg.stamp_size % 2 == 1 and cfg.star_size % 2 == 1
+    assert cfg.alpha_range[0] < cfg.default_alpha < cfg.alpha_range[1]

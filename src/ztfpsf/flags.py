@@ -32,6 +32,7 @@ class Flag(IntFlag):
     BLENDED = 16384
     EXTRAPOLATED = 32768
     NEIGHBOUR = 65536
+    NOT_POSITIVE = 131072
 
 
 _MEANINGS = {
@@ -53,6 +54,7 @@ _MEANINGS = {
     Flag.EXTRAPOLATED: "position outside the convex hull of the stars that fitted the PSF: its spatial polynomial is extrapolated there; values kept",
     Flag.BLENDED: "another source's light shifts the flux by more than half its error (a catalogue neighbour, or a point source in the residual off the centre; in the PSF-fit catalogue: another fitted source closer than the resolution limit, 1 FWHM); values kept",
     Flag.NEIGHBOUR: "PSF-fit catalogue: another source inside the fit disc was not fitted together with this one (its group was too large and fitted in pieces): its light was subtracted as fitted; values kept",
+    Flag.NOT_POSITIVE: "alerts: the forced flux on the difference image is <= 0 (a fading or absent source): no magnitude; values kept",
 }
 
 #: Bits whose rows carry NaN values (forced photometry's ``OFF_IMAGE`` rows are NaN too).

@@ -41,7 +41,7 @@ Flags: the forced fit's (``BAD`` bits: NaN values); ``MASKED_PIXELS`` only for m
 pixels within ``mask_radius`` FWHM of the candidate; ``OFF_IMAGE`` when the difference
 stamp reaches beyond a (cut-short) cutout; ``CENTER_SHIFT`` beyond ``max_shift``;
 ``POOR_FIT`` for a poor fit (chi2/dof too high: a dipole, a bad subtraction);
-``NO_SOURCE`` for a flux <= 0 (no magnitude); ``NO_DATA`` for an alert without a usable
+``NOT_POSITIVE`` for a flux <= 0 (no magnitude, values kept); ``NO_DATA`` for an alert without a usable
 difference cutout (the reason in column ``problem``).
 
 Noise of a difference pixel: ``sky_var + S/gain + T/(gain * nframesref)`` with

@@ -84,7 +84,7 @@ def result_frame(packet, prep, fit, psf, cfg):
         red = col["chi2"] / np.maximum(dof, 1)
         flags[ok & (red > cfg.max_chi2 * (1.0 + (snr / cfg.chi2_snr_scale) ** 2))] |= Flag.POOR_FIT
         positive = ok & (col["flux"] > 0)
-        flags[ok & ~positive] |= Flag.NO_SOURCE  # not positive on the difference: no magnitude
+        flags[ok & ~positive] |= Flag.NOT_POSITIVE  # a value, not a failure: no magnitude
         mag = np.where(positive, prep.zp - 2.5 * np.log10(np.where(positive, col["flux"], 1.0)), np.nan)
         mag_err = np.where(positive, 2.5 / np.log(10.0) * col["flux_err"] / col["flux"], np.nan)
     # positions in the difference cutout's own pixels (a cut-short cutout starts later in its frame)
