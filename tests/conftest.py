@@ -13,6 +13,17 @@ import ztfpsf  # noqa: E402
 ztfpsf.configure()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Each test module's compiled programs are dropped after it (the persistent cache
+    keeps them on disk): one process holding every program of the suite grew past 6 GB and
+    once aborted inside an XLA compilation late in the run."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def sim_run(tmp_path_factory):
     """A small simulated run with its outputs (tests/simrun.py), shared by figure and report tests."""
