@@ -4,6 +4,7 @@ renders in headless Chromium (screenshot checked to be non-blank)."""
 import base64
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -132,24 +133,36 @@ def _chromium():
     return None
 
 
+def _screenshot(browser, html, tmp_path, height):
+    """A headless-Chromium screenshot of a local HTML file, as an RGB array."""
+    from PIL import Image
+
+    shot = tmp_path / f"{html.stem}.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--window-size=1400,{height}", f"--screenshot={shot}",
+           html.resolve().as_uri()]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert shot.is_file(), f"no screenshot; chromium said: {proc.stderr[-2000:]}"
+    return np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+
+
 def test_report_renders_in_headless_chromium(tmp_path, report):
     browser = _chromium()
     if browser is None:
         pytest.skip("no Chromium installed (apt-get install chromium; .ci/run installs it when run as root)")
-    from PIL import Image
-
-    shot = tmp_path / "report.png"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400", f"--screenshot={shot}",
-           report[0].resolve().as_uri()]
-    env = {**os.environ, "HOME": str(tmp_path)}
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
-    assert shot.is_file(), f"no screenshot; chromium said: {proc.stderr[-2000:]}"
-    img = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
-    assert img.shape == (2400, 1400, 3)
-    grey = img.mean(axis=2)
-    assert grey.std() > 20, "screenshot is blank"
-    # figures were decoded and drawn: many strongly coloured (viridis / RdBu) pixels
-    colourful = (img.max(axis=2) - img.min(axis=2)) > 60
-    assert colourful.mean() > 0.005  # ~0.0002 without the figures (the status badge only)
+    path, text, _ = report
+    # the same page with every figure's data removed: what the text, tables and badge draw alone
+    bare = tmp_path / "bare.html"
+    bare.write_text(re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', text), encoding="utf-8")
+    height = 6000  # tall enough for the tables and the figures below them
+    img = _screenshot(browser, path, tmp_path, height)
+    assert img.shape == (height, 1400, 3)
+    assert img.mean(axis=2).std() > 20, "screenshot is blank"
+    # figures were decoded and drawn: strongly coloured (viridis / RdBu) pixels, far more than the page
+    # without them has (the status badge only)
+    colourful = ((img.max(axis=2) - img.min(axis=2)) > 60).sum()
+    without = _screenshot(browser, bare, tmp_path, height)
+    colourful_without = ((without.max(axis=2) - without.min(axis=2)) > 60).sum()
+    assert colourful > 20 * max(colourful_without, 1) and colourful > 0.01 * img[..., 0].size, (colourful, colourful_without)
