@@ -82,8 +82,9 @@ class JointOptions:
 
     ``tol``: the joint fit has converged when the chi2 decrease predicted for the next
     step is below ``tol`` for the coefficients (after marginalising the stars) and below
-    ``tol`` per star on average; each star left out (and every star, after the joint
-    fit) then gets its own LM with the PSF fixed, to ``tol`` per star.
+    ``tol`` per star on average; then each star whose own step would still gain ``tol``
+    or more, and each star left out of the joint fit, gets its own LM with the PSF fixed,
+    to ``tol`` per star.
     """
 
     max_iter: int = 40
@@ -273,8 +274,12 @@ def _program(model, opts, n_terms, multi):
         Mf = jnp.einsum("nak,nj->nakj", M, Tf).reshape(M.shape[0], N_LOCAL, P)
         var_joint = jnp.diagonal(inv, axis1=1, axis2=2) + jnp.einsum("nap,pq,naq->na", Mf, cov_c, Mf)
 
-        # every other star: its own LM on flux, x, y, background with the PSF fixed
-        other = active & ~used
+        # a star of the joint fit has converged when its own Gauss-Newton step (PSF held,
+        # undamped) predicts a chi2 decrease below tol: the sum over stars can pass while
+        # single stars are still far from their minimum. Those, and every star not in the
+        # joint fit, get their own LM on flux, x, y, background with the PSF fixed.
+        at_minimum = used & (jnp.sum(h * g_l, axis=1) < opts.tol)
+        other = active & ~at_minimum
         theta0 = _theta(local, coef, T, nodes)
 
         def polish(th, d, w, act):
@@ -285,10 +290,11 @@ def _program(model, opts, n_terms, multi):
 
         th_p, chi2_p, var_p, it_p, conv_p, ok_p = _chunked(polish, chunk, other, theta0, data, weight, other)
         local_p = th_p[:, jnp.asarray(local_free)].astype(f64)
-        pick = lambda a, b: jnp.where(other.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+        pick = lambda a, b, where=other: jnp.where(where.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+        # stars of the joint fit keep their variances marginalised over the coefficients
         return dict(
             local=pick(local_p, local), coef=coef, cov=cov_c, chi2=pick(chi2_p.astype(f64), chi2), n_valid=n_valid,
-            var_local=pick(var_p.astype(f64), var_joint), ok=pick(ok_p, ok), used=used,
+            var_local=pick(var_p.astype(f64), var_joint, other & ~used), ok=pick(ok_p, ok), used=used,
             conv_local=pick(conv_p, jnp.ones_like(conv_p)), n_iter_local=it_p,
             n_iter=s["it"] - 1, converged=s["conv"], total=s["total"], lam=s["lam"],
         )
