@@ -66,6 +66,24 @@ def test_fwhm_is_the_full_width_at_half_maximum(name, shape):
     assert at(fwhm / 2) / at(0.0) == pytest.approx(0.5, rel=1e-9)
 
 
+@pytest.mark.parametrize("name,shape", [("moffat", (3.1, 3e6)), ("elliptical_moffat", (3.1, 3e6, 0.1, -0.05))])
+@pytest.mark.parametrize("integration", ["adaptive", "taylor4"])
+def test_moffat_at_the_gaussian_limit_stays_finite_in_float32(name, shape, integration):
+    """Plate stars run a Moffat's alpha to 1e5-1e6 and beyond (their wings are Gaussian): the box
+    expansion's 6th Q-derivative grows like alpha**6 and overflowed float32 from ~3e6 (NaN fits) until
+    the derivatives were scaled by the form's curvature."""
+    m = get_model(name, integration)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    img = np.asarray(m.image(f32(1.0), f32(30.3), f32(29.8), tuple(f32(v) for v in shape), f32(0.0), N, N))
+    assert img.dtype == np.float32 and np.all(np.isfinite(img))
+    assert img.sum() == pytest.approx(1.0, abs=0.03)  # float32 rounds 1 + r**2/gamma**2 (~1e-6) here
+    if name == "moffat":  # float64: the Gaussian of the same fwhm, to the Moffat's 1/alpha
+        sigma = shape[0] / 2.3548
+        gauss = np.asarray(get_model("gaussian", "gl12").image(1.0, 30.3, 29.8, (sigma, sigma, 0.0), 0.0, N, N))
+        img = np.asarray(m.image(1.0, 30.3, 29.8, shape, 0.0, N, N))
+        assert np.abs(img - gauss).max() < 1e-4 * gauss.max()
+
+
 def test_unknown_model_and_integration_are_clear_errors():
     with pytest.raises(ValueError, match="unknown model"):
         get_model("airy")

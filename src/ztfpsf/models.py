@@ -81,7 +81,8 @@ def _gl_nodes(n):
 
 
 def _box_taylor_circular(g, q, X, Y, order, h2=1.0):
-    """``_box_taylor`` for ``Q = q (X**2 + Y**2)``, the terms collected (far fewer operations)."""
+    """``_box_taylor`` for ``Q = q (X**2 + Y**2)``, the terms collected (far fewer operations).
+    Each ``g[k]`` meets ``q**k``: with derivatives already scaled by ``q**k``, pass ``q = 1``."""
     X2, Y2 = X * X, Y * Y
     Q = q * (X2 + Y2)
     qh = q * h2
@@ -238,11 +239,17 @@ class _Profile:
         return norm * out
 
     def _box_average(self, X, Y, u, a, b, c, *, order, h2=1.0):
-        """Unnormalised average over the box of side ``sqrt(h2)`` centred on each (X, Y)."""
+        """Unnormalised average over the box of side ``sqrt(h2)`` centred on each (X, Y).
+
+        The k-th Q-derivative always meets k powers of (a, b, c): it is taken scaled by
+        ``s**k`` (s = (a + c) / 2) and the form divided by s. Unscaled, a Moffat running to
+        the Gaussian limit (alpha ~ 1e5 on plate stars) overflowed float32 in its 6th
+        derivative (alpha**6) and the fit ended in NaN."""
         if self.circular:
-            return _box_taylor_circular(self.radial(a * (X * X + Y * Y), u, order), a, X, Y, order, h2)
-        g = self.radial(a * X * X + 2.0 * b * X * Y + c * Y * Y, u, order)
-        return _box_taylor(g, a, b, c, X, Y, order, h2)
+            return _box_taylor_circular(self.radial(a * (X * X + Y * Y), u, order, a), 1.0, X, Y, order, h2)
+        s = 0.5 * (a + c)
+        g = self.radial(a * X * X + 2.0 * b * X * Y + c * Y * Y, u, order, s)
+        return _box_taylor(g, a / s, b / s, c / s, X, Y, order, h2)
 
     def _adaptive_average(self, X, Y, u, a, b, c):
         """``"adaptive"``: the box expansion on every pixel then, where the call's narrowest
@@ -370,7 +377,8 @@ class _Profile:
     def quad_form(self, u):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def radial(self, Q, u, order):  # pragma: no cover - abstract
+    def radial(self, Q, u, order, scale=1.0):  # pragma: no cover - abstract
+        """The profile g(Q) and its first ``order`` Q-derivatives, the k-th times ``scale**k``."""
         raise NotImplementedError
 
     def shape_to_internal(self, shape):  # pragma: no cover - abstract
@@ -428,9 +436,9 @@ class Gaussian(_Profile):
         norm = jnp.exp(-u[0] - u[1]) * jnp.cosh(u[2]) / (2.0 * np.pi)
         return a, b, c, norm
 
-    def radial(self, Q, u, order):
+    def radial(self, Q, u, order, scale=1.0):
         g0 = jnp.exp(-0.5 * Q)
-        return [g0 * (-0.5) ** k for k in range(order + 1)]
+        return [g0 * (-0.5 * scale) ** k for k in range(order + 1)]
 
     def _erf_profile(self, X, Y, u):
         sx, sy, rho = self.shape_to_physical(u)
@@ -473,11 +481,11 @@ def _moffat_inv_gamma2(u):
     return 4.0 * jnp.expm1(_LN2 / alpha) * jnp.exp(-2.0 * u[0]), alpha
 
 
-def _moffat_radial(Q, alpha, order):
+def _moffat_radial(Q, alpha, order, scale=1.0):
     w = 1.0 + Q
     g = [jnp.exp(-alpha * jnp.log(w))]
     if order:
-        t = 1.0 / w
+        t = scale / w
         for k in range(1, order + 1):
             g.append(g[-1] * (-(alpha + (k - 1)) * t))
     return g
@@ -508,8 +516,8 @@ class Moffat(_Profile):
         ig2, alpha = _moffat_inv_gamma2(u)
         return ig2, 0.0 * ig2, ig2, (alpha - 1.0) * ig2 / np.pi
 
-    def radial(self, Q, u, order):
-        return _moffat_radial(Q, 1.0 + jnp.exp(u[1]), order)
+    def radial(self, Q, u, order, scale=1.0):
+        return _moffat_radial(Q, 1.0 + jnp.exp(u[1]), order, scale)
 
     def fwhm(self, shape):
         return shape[0]

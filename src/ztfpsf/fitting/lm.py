@@ -3,7 +3,8 @@
 Every star has its own damping, convergence test and iteration cap; the loop of a chunk
 stops when all its stars are done. A star is converged when the chi2 decrease predicted
 for the undamped Gauss-Newton step, ``g^T A^-1 g``, falls below ``tol`` (in chi2 units: the
-remaining step is ~sqrt(tol) sigma) -- the test of every other method, and one that the
+remaining step is ~sqrt(tol) sigma; or below 8 ulps of the star's chi2 where its own
+rounding is larger: float32 and chi2 >~ 1,000) -- the test of every other method, and one that the
 damping cannot fake: the damped step's predicted decrease shrinks like 1/lambda, so after
 a run of rejected steps it would call a star far from its minimum converged. The next
 step is computed at the end of an iteration, so a chunk whose stars have all converged
@@ -36,6 +37,7 @@ _LAMBDA_MIN = 1e-9
 _LAMBDA_MAX = 1e10
 _COMPACT_MIN = 4096  # chunks at least this large finish their stragglers in a sub-batch
 _BULK_ITER = 6
+_ROUNDING = 8.0  # chi2 ulps a decrement must exceed to be told from rounding
 
 
 def normal_equations(model, free, theta, data, weight, xx, yy):
@@ -55,6 +57,13 @@ def _next_step(A, g, lam, n):
     return step, decrement, ok
 
 
+def _tolerance(tol, chi2):
+    """``tol``, or what the chi2's own rounding can resolve when that is larger: in float32 a
+    star with chi2 ~ 7,000 (a bright galaxy) has chi2 known to ~1e-3, and its decrement
+    at that level is rounding, so a test at tol = 1e-3 passed or failed by chance."""
+    return jnp.maximum(tol, _ROUNDING * jnp.finfo(chi2.dtype).eps * jnp.abs(chi2))
+
+
 def _iterate(model, free, opts, data, weight, xx, yy, s):
     """One LM iteration for every live star of the state ``s``."""
     n = len(free)
@@ -68,10 +77,11 @@ def _iterate(model, free, opts, data, weight, xx, yy, s):
     lam = jnp.where(accept, jnp.maximum(s["lam"] * 0.3, _LAMBDA_MIN), jnp.where(live, s["lam"] * 10.0, s["lam"]))
     step, decrement, ok = _next_step(A, g, lam, n)
     n_iter = s["n_iter"] + live.astype(jnp.int32)
-    now_converged = live & ok & (decrement < opts.tol)
+    chi2 = pick(c2, s["chi2"])
+    now_converged = live & ok & (decrement < _tolerance(opts.tol, chi2))
     out = dict(
         theta=jnp.where(accept[:, None], trial, s["theta"]),
-        chi2=pick(c2, s["chi2"]),
+        chi2=chi2,
         A=A, g=g, lam=lam, step=step, decrement=decrement, ok=ok, n_iter=n_iter,
         converged=s["converged"] | now_converged,
         done=s["done"] | now_converged | (lam > _LAMBDA_MAX) | (n_iter >= opts.max_iter),
@@ -135,7 +145,7 @@ def lm_solve(model, free, opts, theta0, data, weight, active, xx, yy):
     lam = jnp.full_like(chi2, _LAMBDA0)
     step, decrement, ok = _next_step(A, g, lam, n)
     live0 = active & jnp.isfinite(chi2)
-    converged = live0 & ok & (decrement < opts.tol)
+    converged = live0 & ok & (decrement < _tolerance(opts.tol, chi2))
     s = dict(
         theta=theta0, chi2=chi2, A=A, g=g, lam=lam, step=step, decrement=decrement, ok=ok,
         done=~live0 | converged | (opts.max_iter <= 0), converged=converged,
