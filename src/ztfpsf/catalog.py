@@ -22,6 +22,10 @@ leaves the image (NaN row when the position itself is off the image); ``OUTSIDE_
 outside the PSF's region of validity (NaN row); ``EXTRAPOLATED``; ``CENTER_SHIFT`` moved
 more than ``max_shift`` px from the detection; ``POOR_FIT`` (:func:`ztfpsf.blends.poor_fit`);
 ``NOT_CONVERGED``, ``FIT_FAILED`` (NaN row), ``NO_DATA`` (NaN row).
+
+:func:`forced_groups` is forced photometry with the same passes: given positions are
+measured at their positions (held: the group fit's ``held`` members) while the other
+sources of the image (sep's detections or a catalogue) are fitted beside them.
 """
 
 import logging
@@ -33,11 +37,11 @@ from astropy.table import Table
 from . import blends
 from ._jax import with_x64
 from .flags import BAD, Flag
-from .psf.groups import flux_scale, make_groups, measure_groups, render_sources
+from .psf.groups import Groups, flux_scale, make_groups, measure_groups, render_sources
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CatalogOptions", "psf_catalog", "write_catalog", "write_residual", "effective_fwhm"]
+__all__ = ["CatalogOptions", "psf_catalog", "forced_groups", "write_catalog", "write_residual", "effective_fwhm"]
 
 
 @dataclass(frozen=True)
@@ -131,16 +135,16 @@ def _pass(exposure, psf, src, background, scene, fwhm, opt, progress, rounds=2):
     """Group the sources (at their start positions) and fit every group once."""
     groups = make_groups(src["sx"], src["sy"], opt.link * fwhm, use=src["use"])
     res = measure_groups(psf, exposure, src["sx"], src["sy"], src["flux"], groups, centre=(src["px"], src["py"]),
-                         background=background, scene=scene, scale=src["scale"], noise=opt.noise,
+                         held=src["held"], background=background, scene=scene, scale=src["scale"], noise=opt.noise,
                          fit_radius=opt.fit_radius * fwhm, prior_sigma=opt.prior_sigma, rounds=rounds, dtype=opt.dtype,
                          backend=opt.backend, progress=progress)
     return groups, res
 
 
-def _prepare(exposure, psf, ident, x, y, background):
+def _prepare(exposure, psf, ident, x, y, background, held=None):
     """The sources as columns: ``id``, ``x, y`` (as given), ``use`` (measurable), start
     ``sx, sy``, prior centres ``px, py``, start ``flux``, flux ``scale``, ``flags``,
-    ``redetected``."""
+    ``redetected``, ``held`` (position not fitted)."""
     ny, nx = exposure.data.shape
     finite = np.isfinite(x) & np.isfinite(y)
     on_image = finite & (x >= -0.5) & (x <= nx - 0.5) & (y >= -0.5) & (y <= ny - 0.5)
@@ -151,7 +155,8 @@ def _prepare(exposure, psf, ident, x, y, background):
     x0, y0 = np.nan_to_num(x), np.nan_to_num(y)
     return dict(id=np.asarray(ident), x=x, y=y, use=use, sx=xs, sy=ys, px=xs, py=ys,
                 flux=np.where(use, _start_flux(exposure, psf, x0, y0, background.level), np.nan),
-                scale=np.where(use, flux_scale(psf, x0, y0), 1.0), flags=flags.astype(np.int64), redetected=np.zeros(len(x), bool))
+                scale=np.where(use, flux_scale(psf, x0, y0), 1.0), flags=flags.astype(np.int64), redetected=np.zeros(len(x), bool),
+                held=np.zeros(len(x), bool) if held is None else np.asarray(held, bool))
 
 
 def _restart(src, res, opt):
@@ -174,7 +179,7 @@ def _with_redetected(exposure, psf, src, background, fwhm, opt):
         return src
     new = dict(id=-1 - np.arange(len(nxs)), x=nxs, y=nys, use=np.ones(len(nxs), bool), sx=nxs, sy=nys, px=nxs, py=nys,
                flux=_start_flux(exposure, psf, nxs, nys, background.level + scene), scale=flux_scale(psf, nxs, nys),
-               flags=np.zeros(len(nxs), np.int64), redetected=np.ones(len(nxs), bool))
+               flags=np.zeros(len(nxs), np.int64), redetected=np.ones(len(nxs), bool), held=np.zeros(len(nxs), bool))
     return {k: np.concatenate([src[k], new[k]]) for k in src}
 
 
@@ -267,6 +272,20 @@ def psf_catalog(exposure, psf, sources=None, *, background=None, options=None, r
     src = _prepare(exposure, psf, *_sources(exposure, psf, sources, bkg, fwhm), bkg)
     log.info("%s: %d sources, PSF fwhm %.2f px, linking length %.1f px", exposure.name, int(src["use"].sum()), fwhm,
              opt.link * fwhm)
+    src, groups, res, flags = _measure(exposure, psf, src, bkg, fwhm, opt, progress)
+    out = _table(exposure, psf, src, res, groups, flags, fwhm, opt)
+    log.info("%s: %d sources in %d groups; %d unflagged, %d blended, %d NaN rows", exposure.name, len(out), groups.n_groups,
+             int(np.sum(flags == 0)), int(np.sum((flags & int(Flag.BLENDED)) != 0)), int(np.sum((flags & int(BAD)) != 0)))
+    image = None
+    if residual:
+        light = render_sources(psf, exposure.data.shape, out["x"], out["y"], out["flux"], scale=src["scale"])
+        image = exposure.data - light.astype(exposure.data.dtype)
+    return out, image
+
+
+def _measure(exposure, psf, src, bkg, fwhm, opt, progress):
+    """The passes of :func:`psf_catalog` on the prepared sources ``src``: returns ``src``
+    (with any redetected sources appended), the groups, the result columns and the flags."""
     refit = opt.refit or opt.redetect
     groups, res = _pass(exposure, psf, src, bkg, None, fwhm, opt, progress, rounds=1 if refit else 2)
     if refit:
@@ -279,14 +298,66 @@ def psf_catalog(exposure, psf, sources=None, *, background=None, options=None, r
                                                  opt.fit_radius * fwhm, opt)
     measured = np.isfinite(res["x"]) & np.isfinite(res["y"])
     flags[measured & ~psf.supported(np.nan_to_num(res["x"]), np.nan_to_num(res["y"]))] |= int(Flag.EXTRAPOLATED)
-    out = _table(exposure, psf, src, res, groups, flags, fwhm, opt)
-    log.info("%s: %d sources in %d groups; %d unflagged, %d blended, %d NaN rows", exposure.name, len(out), groups.n_groups,
-             int(np.sum(flags == 0)), int(np.sum((flags & int(Flag.BLENDED)) != 0)), int(np.sum((flags & int(BAD)) != 0)))
-    image = None
-    if residual:
-        light = render_sources(psf, exposure.data.shape, out["x"], out["y"], out["flux"], scale=src["scale"])
-        image = exposure.data - light.astype(exposure.data.dtype)
-    return out, image
+    return src, groups, res, flags
+
+
+def _others(fx, fy, x, y, radius):
+    """Mask of the sources ``(x, y)`` farther than ``radius`` [px] from every forced
+    position ``(fx, fy)`` (a closer one is taken to be that position's own source)."""
+    from scipy.spatial import cKDTree
+
+    keep = np.isfinite(x) & np.isfinite(y)
+    ok = np.isfinite(fx) & np.isfinite(fy)
+    if ok.any() and keep.any():
+        d, _ = cKDTree(np.column_stack([fx[ok], fy[ok]])).query(np.column_stack([x[keep], y[keep]]))
+        keep[np.flatnonzero(keep)[d <= radius]] = False
+    return keep
+
+
+@with_x64
+def forced_groups(exposure, psf, positions, sources="detect", *, fit_position=False, background=None, options=None,
+                  match_radius=0.5, progress=False):
+    """Forced photometry at ``positions`` with their neighbours fitted together: the
+    groups, passes and flags of :func:`psf_catalog`, the positions held.
+
+    The forced positions and the other sources (``sources``: ``"detect"`` for sep's
+    detections, or a table of ``x, y`` / ``ra, dec``) are grouped by friends of friends and
+    fitted together; a forced position keeps its given ``x, y`` (unless ``fit_position``:
+    then it has the catalogue's position prior around it) while the other sources' flux,
+    x, y are fitted. Other sources within ``match_radius`` FWHM of a forced position are
+    that position's own source and dropped.
+
+    Returns the :func:`psf_catalog` table of the forced positions only, in their order
+    (``x_err, y_err`` 0 where held); its metadata says how many other sources were fitted.
+    """
+    from .detect import estimate_background
+    from .photometry import positions_xy
+    from .psf import PSFModel
+
+    opt = options or CatalogOptions()
+    if not isinstance(psf, PSFModel):
+        psf = PSFModel.read(psf)
+    if isinstance(sources, str) and sources != "detect":
+        raise ValueError(f"sources must be 'detect' or a table of x, y or ra, dec; got {sources!r}")
+    bkg = background if background is not None else estimate_background(exposure)
+    fwhm = effective_fwhm(psf)
+    fid, fx, fy, _, _ = positions_xy(positions, exposure.wcs)
+    fx, fy = np.asarray(fx, np.float64), np.asarray(fy, np.float64)
+    _, ox, oy = _sources(exposure, psf, None if isinstance(sources, str) else sources, bkg, fwhm)
+    keep = _others(fx, fy, ox, oy, match_radius * fwhm)
+    log.info("%s: %d forced positions, %d other sources (%d within %.2g FWHM of a position taken as its own)",
+             exposure.name, len(fx), int(keep.sum()), int(np.sum(np.isfinite(ox) & ~keep)), match_radius)
+    n, m = len(fx), int(keep.sum())
+    src = _prepare(exposure, psf, np.concatenate([np.arange(n), -1 - np.arange(m)]), np.concatenate([fx, ox[keep]]),
+                   np.concatenate([fy, oy[keep]]), bkg, held=np.arange(n + m) < (0 if fit_position else n))
+    src, groups, res, flags = _measure(exposure, psf, src, bkg, fwhm, opt, progress)
+    first = lambda d: {k: v[:n] for k, v in d.items()}
+    sub = Groups(groups.label[:n], groups.size[:n], {}, groups.split[:n], groups.link)
+    out = _table(exposure, psf, first(src), first(res), sub, flags[:n], fwhm, opt)
+    out["id"] = np.asarray(fid)
+    out.meta.update(n_groups=groups.n_groups, n_other_sources=int(len(src["x"]) - n),
+                    other_sources="sep detections" if isinstance(sources, str) else "catalogue", match_radius=match_radius)
+    return out
 
 
 def _sky(exposure, x, y):

@@ -52,8 +52,8 @@ _MEANINGS = {
     Flag.POOR_FIT: "chi2/dof far above what the PSF model allows (dipole, bad subtraction, blend); values kept",
     Flag.OUTSIDE_PSF: "position outside the PSF model's region of validity; values are NaN",
     Flag.EXTRAPOLATED: "position outside the convex hull of the stars that fitted the PSF: its spatial polynomial is extrapolated there; values kept",
-    Flag.BLENDED: "another source's light shifts the flux by more than half its error (a catalogue neighbour, or a point source in the residual off the centre; in the PSF-fit catalogue: another fitted source closer than the resolution limit, 1 FWHM); values kept",
-    Flag.NEIGHBOUR: "PSF-fit catalogue: another source inside the fit disc was not fitted together with this one (its group was too large and fitted in pieces): its light was subtracted as fitted; values kept",
+    Flag.BLENDED: "another source's light shifts the flux by more than half its error (a catalogue neighbour, or a point source in the residual off the centre; in the PSF-fit catalogue and grouped forced photometry: another fitted source closer than the resolution limit, 1 FWHM); values kept",
+    Flag.NEIGHBOUR: "PSF-fit catalogue and grouped forced photometry: another source inside the fit disc was not fitted together with this one (its group was too large and fitted in pieces): its light was subtracted as fitted; values kept",
     Flag.NOT_POSITIVE: "alerts: the forced flux on the difference image is <= 0 (a fading or absent source): no magnitude; values kept",
 }
 

@@ -13,6 +13,13 @@ flagged ``OFF_IMAGE``; one outside the PSF's region of validity a NaN row flagge
 ``POOR_FIT`` when its chi2 is above what the PSF allows and ``BLENDED`` when another
 source (a catalogue neighbour, or a point source in the residual) shifts its flux
 (:func:`_judge`, :mod:`ztfpsf.blends`).
+
+With ``sources`` (``"detect"``: sep's detections on the image, or a catalogue of the
+field) the positions are instead measured the way ``ztfpsf catalog`` measures every
+source: grouped with the other sources near them (friends of friends) and fitted
+together, the positions held, the neighbours' flux and position fitted
+(:func:`ztfpsf.catalog.forced_groups`); the rows are the positions' only, their flags the
+catalogue's (:mod:`ztfpsf.catalog`), with ``group_id, group_size`` added.
 """
 
 import logging
@@ -175,6 +182,8 @@ def photometry(
     backend="auto",
     chunk_size=None,
     neighbours=None,
+    sources=None,
+    options=None,
 ):
     """Forced PSF photometry at ``positions`` on ``image`` with the PSF ``psf``.
 
@@ -215,6 +224,21 @@ def photometry(
         with a zero point), e.g. the full catalogue: a row whose flux their light shifts by
         more than half its error is flagged ``BLENDED``. The positions themselves, with
         their measured fluxes, always count as neighbours of each other.
+    sources : "detect", Table, dict or DataFrame, optional
+        Measure the positions together with the image's other sources, grouped and
+        fitted as by ``ztfpsf catalog`` (:func:`ztfpsf.catalog.forced_groups`):
+        ``"detect"`` for sep's detections, or a catalogue of ``x, y`` or ``ra, dec``
+        (fluxes not needed: they are fitted). A source within 0.5 FWHM of a position is
+        that position's own. Each group's window replaces the stamp (``stamp`` and
+        ``chunk_size`` unused); the noise is the sky measured on the image plus the
+        sources' Poisson noise with the gain (``variance`` and ``neighbours`` cannot be
+        given with it; ``sky`` is not needed); with ``fit_position`` the positions have a 1 px prior around the
+        given ones. Flags are the catalogue's: ``BLENDED`` another fitted source within 1
+        FWHM, ``NEIGHBOUR``, ``POOR_FIT`` over the position's fit disc, ...; a position
+        whose fit disc leaves the image is a NaN row flagged ``OFF_IMAGE``.
+    options : ztfpsf.catalog.CatalogOptions, optional
+        With ``sources``: linking length, fit radius, passes, ``redetect`` ... (its
+        ``max_shift`` is replaced by ``max_shift``).
 
     Returns
     -------
@@ -224,7 +248,10 @@ def photometry(
         ``flux`` may be negative (a forced measurement of a faint or absent source);
         ``mag`` is NaN for ``flux <= 0``. ``x_err, y_err`` are 0 when not fitted.
         Positions that cannot be measured: NaN rows flagged ``OFF_IMAGE`` (off the
-        image) or ``OUTSIDE_PSF`` (outside the PSF's region of validity).
+        image) or ``OUTSIDE_PSF`` (outside the PSF's region of validity). With
+        ``sources``, also ``group_id, group_size`` (the group the position was fitted
+        in, and its members: the position and its neighbours), and ``chi2, dof`` are
+        over the position's fit disc (``fit_radius`` FWHM).
     """
     data, e_mask, e_wcs, e_gain, e_rn, e_zp, e_sat = _exposure_parts(image)
     if data.ndim != 2:
@@ -251,6 +278,15 @@ def photometry(
             raise ValueError(f"variance must have the image's shape {data.shape}; got {variance.shape}")
 
     ident, x, y, ra, dec = positions_xy(positions, wcs)
+    if sources is not None:
+        if variance is not None or neighbours is not None:
+            raise ValueError("sources= (neighbours fitted together) takes no variance= or neighbours=: "
+                             "its noise is the image's measured sky, its neighbours are fitted")
+        if sky and options is not None and options.noise == "header":
+            raise ValueError("sky= with sources= needs noise='measured' (the sky noise measured on the image)")
+        exposure = _exposure(image, data, mask, wcs, gain, read_noise, zeropoint, saturation)
+        return _grouped(exposure, psf, positions, (ident, x, y, ra, dec), sources, fit_position, max_shift, dtype,
+                        backend, options)
     n = len(x)
     ny, nx = data.shape
     finite = np.isfinite(x) & np.isfinite(y)
@@ -297,28 +333,7 @@ def photometry(
     if variance is None and gain is None:
         warnings.warn("photometry without gain or variance: per-stamp border scatter used as the noise", stacklevel=2)
 
-    out = Table()
-    out["id"] = ident
-    out["x_init"], out["y_init"] = x, y
-    for k in ("x", "x_err", "y", "y_err"):
-        out[k] = cols[k]
-    if wcs is not None:
-        ok = np.isfinite(cols["x"])
-        r, d = (np.full(n, np.nan) for _ in range(2))
-        if ok.any():
-            rr, dd = wcs.pixel_to_world_values(cols["x"][ok], cols["y"][ok])
-            r[ok], d[ok] = rr, dd
-        out["ra"], out["dec"] = r, d
-    elif ra is not None:
-        out["ra"], out["dec"] = ra, dec
-    for k in ("flux", "flux_err", "background", "background_err", "fwhm"):
-        out[k] = cols[k]
-    out["mag"], out["mag_err"] = magnitudes(cols["flux"], cols["flux_err"], zeropoint)
-    out["chi2"] = cols["chi2"]
-    out["dof"] = dof
-    out["flags"] = flags.astype(np.int32)
-    for c in ("x_init", "y_init", "x", "y", "x_err", "y_err"):
-        out[c].unit = "pix"
+    out = _output(ident, x, y, (ra, dec), wcs, cols, dof, flags, zeropoint)
     out.meta.update(
         psf_model=psf.model.name,
         psf_mode=psf.mode,
@@ -331,3 +346,85 @@ def photometry(
     )
     return out
 
+
+
+def _output(ident, x, y, radec, wcs, cols, dof, flags, zeropoint):
+    """The output table's columns (see :func:`photometry`) from the result ``cols``;
+    ``ra, dec`` from the fitted position with a WCS, else ``radec`` as given (if any)."""
+    n = len(x)
+    out = Table()
+    out["id"] = ident
+    out["x_init"], out["y_init"] = x, y
+    for k in ("x", "x_err", "y", "y_err"):
+        out[k] = cols[k]
+    if wcs is not None:
+        ok = np.isfinite(cols["x"])
+        r, d = (np.full(n, np.nan) for _ in range(2))
+        if ok.any():
+            rr, dd = wcs.pixel_to_world_values(cols["x"][ok], cols["y"][ok])
+            r[ok], d[ok] = rr, dd
+        out["ra"], out["dec"] = r, d
+    elif radec[0] is not None:
+        out["ra"], out["dec"] = radec
+    for k in ("flux", "flux_err", "background", "background_err", "fwhm"):
+        out[k] = cols[k]
+    out["mag"], out["mag_err"] = magnitudes(cols["flux"], cols["flux_err"], zeropoint)
+    out["chi2"] = cols["chi2"]
+    out["dof"] = dof
+    out["flags"] = flags.astype(np.int32)
+    for c in ("x_init", "y_init", "x", "y", "x_err", "y_err"):
+        out[c].unit = "pix"
+    return out
+
+
+def _exposure(image, data, mask, wcs, gain, read_noise, zeropoint, saturation):
+    """An :class:`~ztfpsf.io.fits.Exposure` for the group fit from photometry's arguments
+    (an Exposure given keeps its path and header; explicit arguments take precedence)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .io.fits import Exposure
+
+    bad = ~np.isfinite(data) if mask is None else (np.asarray(mask, bool) | ~np.isfinite(data))
+    with np.errstate(invalid="ignore"):
+        sat = np.zeros(data.shape, bool) if saturation is None else np.nan_to_num(data) >= saturation
+    kw = dict(data=data, mask=bad, saturated=sat, wcs=wcs, gain=gain, read_noise=read_noise, zeropoint=zeropoint,
+              saturation=saturation)
+    return replace(image, **kw) if isinstance(image, Exposure) else Exposure(path=Path("image"), **kw)
+
+
+def _grouped(exposure, psf, positions, parsed, sources, fit_position, max_shift, dtype, backend, options):
+    """:func:`photometry` with ``sources``: :func:`ztfpsf.catalog.forced_groups`, its rows
+    in photometry's columns (plus ``group_id, group_size``); a position whose fit disc
+    leaves the image is a NaN row (``OFF_IMAGE``), as a stamp that does."""
+    from dataclasses import replace
+
+    from .catalog import CatalogOptions, forced_groups
+    from .flags import BAD
+
+    ident, x, y, ra, dec = parsed
+    opt = replace(options or CatalogOptions(), max_shift=float(max_shift), dtype=dtype, backend=backend)
+    t = forced_groups(exposure, psf, positions, sources, fit_position=fit_position, options=opt)
+    flags = np.asarray(t["flags"], np.int64)
+    gone = (flags & int(BAD | Flag.OFF_IMAGE)) != 0
+    cols = {k: np.where(gone, np.nan, np.asarray(t[k], np.float64))
+            for k in ("x", "x_err", "y", "y_err", "flux", "flux_err", "background", "background_err", "chi2")}
+    measured = np.isfinite(cols["x"]) & np.isfinite(cols["y"])
+    cols["fwhm"] = np.full(len(x), np.nan)
+    cols["fwhm"][measured] = psf.fwhm(cols["x"][measured], cols["y"][measured])
+    dof = np.where(gone, 0, np.asarray(t["dof"])).astype(np.int32)
+    out = _output(ident, x, y, (ra, dec), exposure.wcs, cols, dof, flags, exposure.zeropoint)
+    out["group_id"], out["group_size"] = np.where(gone, -1, t["group_id"]), np.where(gone, 0, t["group_size"])
+    out.meta.update(
+        psf_model=psf.model.name, psf_mode=psf.mode, psf_image=str(psf.meta.get("image", "")),
+        fit_position=bool(fit_position), zeropoint=None if exposure.zeropoint is None else float(exposure.zeropoint),
+        grouped=True, fit_radius=opt.fit_radius, link=opt.link, fwhm=t.meta["fwhm"],
+        n_groups=t.meta["n_groups"], n_other_sources=t.meta["n_other_sources"], other_sources=t.meta["other_sources"],
+        mag="zeropoint - 2.5 log10(flux); NaN for flux <= 0 or without a zero point",
+        coordinates="0-based pixel coordinates, pixel centres at integers",
+        group="group_id, group_size: the group the position was fitted in (the position and its neighbours); "
+              "chi2, dof over the position's fit disc",
+    )
+    log.info("%d positions fitted with %d other sources in %d groups: %d unflagged", len(out), t.meta["n_other_sources"],
+             t.meta["n_groups"], int(np.sum(flags == 0)))
+    return out

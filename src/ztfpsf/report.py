@@ -4,6 +4,9 @@ The report holds the run's counts per selection cut, the PSF summary, timings, e
 flag bit that occurs (decoded, with its meaning and count), the worst fits, and the
 figures of :mod:`ztfpsf.plots` embedded as ``data:`` PNGs: one file that opens in any
 browser without a server or network. matplotlib is imported only while figures are drawn.
+When the folder holds ``<stem>.residual.fits`` (``ztfpsf catalog --residual-image``: the
+image less every fitted source), a thumbnail of it beside the data, on one stretch
+(:mod:`ztfpsf.plots.residual_image`), is among the figures.
 
     from ztfpsf.report import write_report
     write_report("out/", "ztf_20200924431759_000655_zr_c13_o_q3_sciimg")  # -> out/<stem>.report.html
@@ -95,8 +98,9 @@ def _img(png, alt):
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
-def _figure_pngs(run, worst, typical):
-    """``[(title, png bytes)]`` of every figure the run allows (a failing figure is noted, not fatal)."""
+def _figure_pngs(run, worst, typical, residual=None):
+    """``[(title, png bytes)]`` of every figure the run allows (a failing figure is noted,
+    not fatal); ``residual``: path of the run's residual image, drawn when given."""
     from .plots import _style
     from .plots.loss import compute_loss, plot_loss
     from .plots.maps import compute_maps, plot_maps
@@ -129,6 +133,8 @@ def _figure_pngs(run, worst, typical):
     if run.history is not None:
         dof = t["dof"] if "dof" in t.colnames else None
         add("loss curves", lambda: plot_loss(compute_loss({t.meta.get("method", "fit"): run.history}, dof=dof)))
+    if residual is not None:
+        add(RESIDUAL_TITLE, lambda: _residual_figure(residual, run.image))
     if run.image is not None:
         rows = select_stars(t, worst=worst, typical=typical)
         for star in compute_stars(t, run.image, rows, mask=run.mask, psf=run.psf_model):
@@ -136,6 +142,19 @@ def _figure_pngs(run, worst, typical):
     else:
         problems.append(f"per-star figures: {run.image_error}")
     return out, problems
+
+
+#: Title of the residual image's thumbnail in the report.
+RESIDUAL_TITLE = "residual image (ztfpsf catalog): data and data - fitted sources"
+
+
+def _residual_figure(path, image):
+    """The residual image thumbnail figure from the FITS file ``path`` (the data beside it
+    when the run's image is at hand)."""
+    from .plots._data import read_image
+    from .plots.residual_image import compute_residual_image, plot_residual_image
+
+    return plot_residual_image(compute_residual_image(read_image(path), image))
 
 
 def _counts_section(summary, table):
@@ -273,9 +292,10 @@ def _worst_section(table, n):
     return html_
 
 
-def render_report(summary, run=None, *, worst=5, typical=2, figures=True):
+def render_report(summary, run=None, *, worst=5, typical=2, figures=True, residual=None):
     """The report as one HTML string. ``summary``: the summary dict (or None);
-    ``run``: a :class:`ztfpsf.plots.make.Run` (or None when the run failed before results)."""
+    ``run``: a :class:`ztfpsf.plots.make.Run` (or None when the run failed before results);
+    ``residual``: path of the residual image (``<stem>.residual.fits``), shown as a thumbnail."""
     table = run.table if run is not None else None
     meta = dict(table.meta) if table is not None else {}
     meta.pop("loss_history", None)
@@ -300,7 +320,7 @@ def render_report(summary, run=None, *, worst=5, typical=2, figures=True):
         parts.append(_flags_section(table))
         parts.append(_worst_section(table, worst))
         if figures:
-            pngs, problems = _figure_pngs(run, worst, typical)
+            pngs, problems = _figure_pngs(run, worst, typical, residual)
             parts.append("<h2>Figures</h2>")
             parts += [f"<h3>{_e(title)}</h3>{_img(png, title)}" for title, png in pngs]
             if problems:
@@ -324,8 +344,9 @@ def write_report(out_dir, stem, *, image=None, psf=None, worst=5, typical=2, pat
 
     Reads ``<stem>.summary.json`` and ``<stem>.stars.parquet`` (either may be missing, not
     both), the image (``image`` or the path in the metadata) for the per-star and
-    residual figures, ``<stem>.history.npy`` for the loss curves and ``<stem>.psf.fits``
-    for the model maps when they exist. ``worst`` / ``typical``: number of worst and
+    residual figures, ``<stem>.history.npy`` for the loss curves, ``<stem>.psf.fits``
+    for the model maps and ``<stem>.residual.fits`` (``ztfpsf catalog --residual-image``)
+    for the residual image's thumbnail when they exist. ``worst`` / ``typical``: number of worst and
     typical stars shown. Raises FileNotFoundError when neither output exists.
     """
     from .plots.make import load_run
@@ -338,7 +359,8 @@ def write_report(out_dir, stem, *, image=None, psf=None, worst=5, typical=2, pat
     if paths["stars"].is_file():
         run = load_run(paths["stars"], image=image, psf=psf)
     out = Path(path) if path is not None else paths["report"]
-    text = render_report(summary, run, worst=worst, typical=typical, figures=figures)
+    residual = paths["residual"] if paths["residual"].is_file() else None
+    text = render_report(summary, run, worst=worst, typical=typical, figures=figures, residual=residual)
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # a reader never sees half a report
     log.info("report: %s", out)
     return out

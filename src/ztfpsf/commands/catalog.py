@@ -13,7 +13,9 @@ def add_arguments(p):
     p.add_argument("--sources", metavar="CAT", help="sources to measure (x, y or ra, dec): CSV, ECSV, FITS, Parquet; "
                    "default: sep's detections")
     p.add_argument("--out", metavar="FILE.parquet", help="output catalogue (default: <image stem>.catalog.parquet beside the image)")
-    p.add_argument("--residual-image", metavar="FILE.fits", help="also write the image less all fitted sources (FITS)")
+    p.add_argument("--residual-image", nargs="?", const="", metavar="FILE.fits",
+                   help="also write the image less all fitted sources (FITS); without FILE: <image stem>.residual.fits "
+                        "beside the catalogue (the name `ztfpsf report` shows as a thumbnail)")
     p.add_argument("--mask", default="auto", help="mask file, 'auto' (ZTF mskimg beside a sciimg) or 'none'")
     p.add_argument("--link", type=float, default=3.0, help="linking length of the groups fitted together [FWHM] (default 3)")
     p.add_argument("--fit-radius", type=float, default=3.0, help="radius of each source's fit disc [FWHM] (default 3)")
@@ -39,6 +41,17 @@ def _default_out(image):
     return Path(image).with_name(f"{name}.catalog.parquet")
 
 
+def _residual_path(arg, out, image):
+    """``--residual-image``'s path: as given, or ``<image stem>.residual.fits`` beside the
+    catalogue ``out`` (None without the option)."""
+    from ..io.results import result_paths
+    from ..pipeline import stem_of
+
+    if arg is None:
+        return None
+    return Path(arg) if arg else result_paths(Path(out).parent, stem_of(image))["residual"]
+
+
 def _check_outputs(paths, overwrite):
     from ..cli import UserError
 
@@ -57,7 +70,8 @@ def run(args):
     out = Path(args.out) if args.out else _default_out(args.image)
     if out.suffix.lower() != ".parquet":
         raise UserError(f"{out}: the catalogue is written as Parquet (.parquet)")
-    _check_outputs((out, args.residual_image), args.overwrite)
+    residual_path = _residual_path(args.residual_image, out, args.image)
+    _check_outputs((out, residual_path), args.overwrite)
     try:
         psf = PSFModel.read(args.psf)
     except PSFFileError as err:
@@ -79,13 +93,13 @@ def run(args):
     opts = CatalogOptions(link=args.link, fit_radius=args.fit_radius, refit=not args.single_pass, redetect=args.redetect,
                           noise=args.noise, dtype=args.dtype, backend=args.backend)
     try:
-        table, residual = psf_catalog(exp, psf, sources, options=opts, residual=bool(args.residual_image), progress=True)
+        table, residual = psf_catalog(exp, psf, sources, options=opts, residual=residual_path is not None, progress=True)
     except ValueError as err:
         raise UserError(str(err)) from None
     table.meta.update(psf=str(args.psf))
     write_catalog(table, out)
     log.info("wrote %s (%d sources)", out, len(table))
-    if args.residual_image:
-        write_residual(residual, exp.header, args.residual_image)
-        log.info("wrote %s", args.residual_image)
+    if residual_path is not None:
+        write_residual(residual, exp.header, residual_path)
+        log.info("wrote %s", residual_path)
     return 0

@@ -20,8 +20,15 @@ def add_arguments(p):
     p.add_argument("--fit-position", action="store_true", help="fit x, y too (default: held at the given positions)")
     p.add_argument("--neighbours", metavar="CAT", help="catalogue of the field's other sources (x, y or ra, dec; flux or mag): "
                    "rows whose flux their light shifts are flagged BLENDED")
+    p.add_argument("--sources", metavar="CAT|detect", help="fit the positions together with the image's other sources, "
+                   "grouped as `ztfpsf catalog` groups them: 'detect' (sep's detections) or a catalogue (x, y or ra, dec); "
+                   "positions held, neighbours fitted (not with --neighbours)")
+    p.add_argument("--link", type=float, help="with --sources: linking length of the groups [FWHM] (default 3)")
+    p.add_argument("--fit-radius", type=float, help="with --sources: radius of each source's fit disc [FWHM] (default 3)")
+    p.add_argument("--redetect", action="store_true", help="with --sources: also fit the sources sep finds in the residual "
+                   "of the first pass")
     p.add_argument("--out", metavar="FILE", help="output table (.csv, .ecsv, .fits, .parquet); default: CSV on stdout")
-    p.add_argument("--stamp", type=int, default=17, help="stamp size in pixels, odd (default 17)")
+    p.add_argument("--stamp", type=int, default=17, help="stamp size in pixels, odd (default 17; not with --sources)")
     p.add_argument("--gain", type=float, help="gain [e-/ADU] (default: header GAIN)")
     p.add_argument("--read-noise", type=float, help="read noise [e-] (default: header READNOI)")
     p.add_argument("--zeropoint", type=float, help="magnitude zero point (default: header MAGZP)")
@@ -48,6 +55,25 @@ def _write(table, out, overwrite):
         atomic_write(path, lambda tmp: table.write(tmp, format=fmt))
 
 
+def _group_options(args):
+    """``CatalogOptions`` of ``--sources`` (None without it); the group options need it."""
+    from ..catalog import CatalogOptions
+    from ..cli import UserError
+
+    if args.sources is None:
+        if args.link is not None or args.fit_radius is not None or args.redetect:
+            raise UserError("--link, --fit-radius and --redetect need --sources (the neighbours fitted together)")
+        return None
+    if args.neighbours:
+        raise UserError("--sources fits the neighbours, --neighbours only judges blends: give one of them")
+    for name, v in (("--link", args.link), ("--fit-radius", args.fit_radius)):
+        if v is not None and not v > 0:
+            raise UserError(f"{name} must be > 0; got {v}")
+    defaults = CatalogOptions()
+    return CatalogOptions(link=args.link or defaults.link, fit_radius=args.fit_radius or defaults.fit_radius,
+                          redetect=args.redetect)
+
+
 def run(args):
     from ..cli import UserError
     from ..flags import Flag
@@ -58,6 +84,7 @@ def run(args):
 
     if args.stamp < 3 or args.stamp % 2 == 0:
         raise UserError(f"--stamp must be an odd size >= 3; got {args.stamp}")
+    options = _group_options(args)
     try:
         psf = PSFModel.read(args.psf)
     except PSFFileError as err:
@@ -85,9 +112,15 @@ def run(args):
             neighbours = read_catalog(args.neighbours, wcs=exp.wcs, image_shape=exp.shape, wcs_note=exp.wcs_note)
         except CatalogError as err:
             raise UserError(str(err)) from None
+    sources = args.sources
+    if sources is not None and sources != "detect":
+        try:
+            sources = read_catalog(sources, wcs=exp.wcs, image_shape=exp.shape, wcs_note=exp.wcs_note)
+        except CatalogError as err:
+            raise UserError(str(err)) from None
     try:
         table = photometry(exp, psf, cat, fit_position=args.fit_position, stamp=args.stamp, dtype=args.dtype,
-                           backend=args.backend, neighbours=neighbours)
+                           backend=args.backend, neighbours=neighbours, sources=sources, options=options)
     except ValueError as err:
         raise UserError(str(err)) from None
     table.meta.update(image=str(args.image), psf=str(args.psf), positions=str(args.positions))

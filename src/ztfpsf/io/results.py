@@ -30,6 +30,7 @@ def result_paths(out_dir, stem):
         "psf": out / f"{stem}.psf.fits",
         "history": out / f"{stem}.history.npy",
         "report": out / f"{stem}.report.html",
+        "residual": out / f"{stem}.residual.fits",  # ztfpsf catalog --residual-image: data - fitted sources
     }
 
 

@@ -23,6 +23,7 @@ FIGSIZE = {
     "timing": (15.0, 4.4),
     "psf": (15.0, 4.4),
     "brighter_fatter": (13.0, 4.6),
+    "residual_image": (9.0, 4.6),
 }
 
 #: Colour maps: sequential for images and maps, diverging for signed residuals.

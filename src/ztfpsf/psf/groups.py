@@ -11,11 +11,16 @@ every group of one size runs through one compiled program (the Levenberg-Marquar
 
 The parameter vector of a group of ``K`` (padded) members (:class:`GroupModel`):
 ``[flux_1, x_1, y_1, ..., flux_K, x_K, y_K, background | x0_1, y0_1, ..., x0_K, y0_K |
-valid_1..K | shape_1, ..., shape_K]``: the first ``3K + 1`` are fitted, the rest ride
-along (the prior centres, which members are real, the PSF at each member). Positions
+valid_1..K | held_1..K | shape_1, ..., shape_K]``: the first ``3K + 1`` are fitted, the
+rest ride along (the prior centres, which members are real, which members' positions are
+held at their start, the PSF at each member). Positions
 have a weak Gaussian prior (``prior_sigma`` px) around their start (the detection), so
 that a faint member, whose position the pixels hardly constrain, cannot make the whole
 group's normal matrix singular; for any star with S/N above a few the pixels dominate.
+A held member (forced photometry, :func:`ztfpsf.catalog.forced_groups`) keeps its
+position: its x, y rows of the normal equations are those of padding (zero gradient, unit
+diagonal, no coupling), so its step there is 0 and its flux error is the one at the fixed
+position, while the other members' positions are fitted.
 
 The model-based noise (gain, read noise, the fitted model including the neighbours
 subtracted from the window) is re-evaluated at the solution and the fit repeated once,
@@ -74,7 +79,7 @@ class GroupModel:
 
     @property
     def n_params(self):
-        return 6 * self.size + 1 + self.size * self.n_shape
+        return 7 * self.size + 1 + self.size * self.n_shape
 
     def unpack(self, theta):
         """``flux, x, y (G, K)``, ``background (G,)``, prior centres ``x0, y0 (G, K)``,
@@ -84,8 +89,13 @@ class GroupModel:
         b = theta[:, 3 * K]
         x0, y0 = theta[:, 3 * K + 1:5 * K + 1:2], theta[:, 3 * K + 2:5 * K + 1:2]
         valid = theta[:, 5 * K + 1:6 * K + 1]
-        blocks = theta[:, 6 * K + 1:].reshape(-1, self.n_shape)
+        blocks = theta[:, 7 * K + 1:].reshape(-1, self.n_shape)
         return f, x, y, b, x0, y0, valid, blocks
+
+    def moving(self, theta):
+        """``(G, K)``: 1 for a real member whose position is fitted, 0 for padding and held members."""
+        K = self.size
+        return theta[:, 5 * K + 1:6 * K + 1] * (1.0 - theta[:, 6 * K + 1:7 * K + 1])
 
     def profiles(self, theta, xx, yy, derivatives=True):
         """Unit profiles of every member on the window ``(G, K, pixels)`` (zero for padding)
@@ -113,18 +123,20 @@ class GroupModel:
         if K == 1:  # one source: the one-star equations (fused reductions, unrolled solve)
             return self._single(theta, data, weight, xx, yy)
         P, dPx, dPy = self.profiles(theta, xx, yy)
+        moving = self.moving(theta)
         r = data - jnp.einsum("gk,gkp->gp", f, P) - b[:, None]
-        J = jnp.stack([P, f[..., None] * dPx, f[..., None] * dPy], axis=2).reshape(P.shape[0], 3 * K, -1)
+        fm = (f * moving)[..., None]  # held members: no position columns
+        J = jnp.stack([P, fm * dPx, fm * dPy], axis=2).reshape(P.shape[0], 3 * K, -1)
         J = jnp.concatenate([J, jnp.ones_like(J[:, :1])], axis=1)
         WJ = J * weight[:, None, :]
         A = jnp.einsum("gip,gjp->gij", WJ, J)
         g = jnp.einsum("gip,gp->gi", WJ, r)
         chi2 = jnp.sum(weight * r * r, axis=1)
-        # the position prior, and a unit diagonal for the padding
-        pw = valid / self.prior_sigma**2
+        # the position prior, and a unit diagonal for the padding and the held positions
+        pw = moving / self.prior_sigma**2
         dx, dy = x0 - x, y0 - y
         prior_diag = jnp.stack([jnp.zeros_like(pw), pw, pw], axis=2).reshape(-1, 3 * K)
-        pad_diag = jnp.repeat(1.0 - valid, 3, axis=1)
+        pad_diag = jnp.stack([1.0 - valid, 1.0 - moving, 1.0 - moving], axis=2).reshape(-1, 3 * K)
         diag = jnp.concatenate([prior_diag + pad_diag, jnp.zeros_like(b[:, None])], axis=1)
         A = A + diag[:, :, None] * jnp.eye(n, dtype=A.dtype)
         g = g + jnp.concatenate([jnp.stack([jnp.zeros_like(dx), pw * dx, pw * dy], axis=2).reshape(-1, 3 * K),
@@ -138,11 +150,13 @@ class GroupModel:
         f, x, y, b, x0, y0, valid, blocks = self.unpack(theta)
         star = jnp.concatenate([f, x, y, blocks, b[:, None]], axis=1)
         chi2, A, g = _star_equations(self.profile, (0, 1, 2, star.shape[1] - 1), star, data, weight, xx, yy)
-        pw = valid[:, 0] / self.prior_sigma**2
+        m = self.moving(theta)[:, 0]
+        pw = m / self.prior_sigma**2
         dx, dy = x0[:, 0] - x[:, 0], y0[:, 0] - y[:, 0]
-        A = dict(A)
-        A[1, 1], A[2, 2] = A[1, 1] + pw, A[2, 2] + pw
-        g = [g[0], g[1] + pw * dx, g[2] + pw * dy, g[3]]
+        # a held position: its rows and columns those of padding (zero, unit diagonal)
+        A = {(i, j): a * m if (i in (1, 2) or j in (1, 2)) else a for (i, j), a in A.items()}
+        A[1, 1], A[2, 2] = A[1, 1] + pw + (1.0 - m), A[2, 2] + pw + (1.0 - m)
+        g = [g[0], m * g[1] + pw * dx, m * g[2] + pw * dy, g[3]]
         return chi2 + pw * (dx * dx + dy * dy), A, g
 
 
@@ -418,14 +432,15 @@ def _noise(exposure, stamps, background, noise, n):
 
 
 @with_x64
-def measure_groups(psf, exposure, x, y, flux, groups, *, centre=None, background=None, scene=None, scale=None,
+def measure_groups(psf, exposure, x, y, flux, groups, *, centre=None, held=None, background=None, scene=None, scale=None,
                    noise="measured", fit_radius=6.0, prior_sigma=1.0, rounds=2, dtype="float32", backend="auto",
                    progress=False):
     """Fit every group of ``groups`` (:func:`make_groups`) on ``exposure`` with ``psf`` (a
     :class:`~ztfpsf.psf.PSFModel`) fixed at each source's position.
 
     ``x, y (N,)``: start positions; ``centre``: ``(x, y)`` of the position prior (default
-    the start); ``flux (N,)``: start
+    the start); ``held (N,)`` bool: sources whose position stays at the start (forced
+    photometry; their ``x_err, y_err`` are 0); ``flux (N,)``: start
     fluxes on the PSF's flux scale. ``scene`` (an image like ``exposure.data``, the light
     of all sources from an earlier pass, :func:`render_sources`): each group's window is
     fitted with the scene less the group's own start model subtracted (the neighbours
@@ -446,6 +461,7 @@ def measure_groups(psf, exposure, x, y, flux, groups, *, centre=None, background
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     px, py = (x, y) if centre is None else (np.asarray(centre[0], np.float64), np.asarray(centre[1], np.float64))
     n = len(x)
+    held = np.zeros(n, bool) if held is None else np.asarray(held, bool)
     dtype = np.dtype(dtype)
     devices = select_devices(backend)
     names = ("x", "x_err", "y", "y_err", "flux", "flux_err", "background", "background_err", "chi2")
@@ -480,25 +496,29 @@ def measure_groups(psf, exposure, x, y, flux, groups, *, centre=None, background
         blocks = psf.shape_block(x[mi].ravel(), y[mi].ravel()).reshape(len(members), -1)
         local = np.stack([f0, ox, oy], axis=2).reshape(len(members), -1)
         prior = np.stack([px[mi] - stamps.origin[:, :1], py[mi] - stamps.origin[:, 1:]], axis=2).reshape(len(members), -1)
-        theta0 = np.concatenate([local, b0[:, None], prior,
-                                 real.astype(np.float64), blocks], axis=1)
+        theta0 = np.concatenate([local, b0[:, None], prior, real.astype(np.float64),
+                                 (real & held[mi]).astype(np.float64), blocks], axis=1)
         opts = GroupOptions(noise=mode, fit_radius=float(fit_radius))
         per = np.column_stack([per, np.full(len(members), 0.0 if scene is None else 1.0), np.full(len(members), rounds)])
         var_in = np.ones((len(members), 1, 1)) if variance is None else np.broadcast_to(variance, (len(members), W, W))
         arrays = (np.where(valid, stamps.data, 0.0).astype(dtype), valid, sc.astype(dtype), var_in.astype(dtype),
                   per.astype(dtype), theta0.astype(dtype), np.ones(len(members), bool))
         out = run_chunked((_fit_chunk, gm, opts), arrays, devices, _chunk(K, W))
-        _scatter(cols, dof, n_iter, flags, out, members, stamps.origin, scale, disc_flags)
+        _scatter(cols, dof, n_iter, flags, out, members, stamps.origin, scale, disc_flags, held)
         bar.update(len(members))
     bar.close()
     bad = (flags & int(Flag.FIT_FAILED | Flag.NO_DATA)) != 0
+    fixed = held & (groups.label >= 0)  # the start exactly (not its float32 copy), no error
+    cols["x"][fixed], cols["y"][fixed] = x[fixed], y[fixed]
+    cols["x_err"][fixed], cols["y_err"][fixed] = 0.0, 0.0
     for k in names:
         cols[k][bad] = np.nan
     return dict(cols, dof=dof, n_iter=n_iter, flags=flags)
 
 
-def _scatter(cols, dof, n_iter, flags, out, members, origin, scale, disc_flags):
-    """Write one size's results into the per-source columns."""
+def _scatter(cols, dof, n_iter, flags, out, members, origin, scale, disc_flags, held):
+    """Write one size's results into the per-source columns (``dof``: the disc's pixels
+    less flux, x, y, or less the flux alone for a ``held`` position)."""
     K = members.shape[1]
     real = members >= 0
     idx = members[real]
@@ -512,7 +532,7 @@ def _scatter(cols, dof, n_iter, flags, out, members, origin, scale, disc_flags):
     cols["background"][idx], cols["background_err"][idx] = rep(th[:, 3 * K]), rep(sd[:, 3 * K])
     cols["chi2"][idx] = out["chi2"].astype(np.float64)[real]
     n_pix = out["n_pix"][real]
-    dof[idx] = np.maximum(n_pix - 3, 0)
+    dof[idx] = np.maximum(n_pix - np.where(held[idx], 1, 3), 0)
     n_iter[idx] = rep(out["n_iter"])
     finite = np.isfinite(th).all(axis=1) & np.isfinite(sd).all(axis=1)
     f = disc_flags[real].astype(np.int64)
