@@ -16,8 +16,9 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ztfpsf demo
 
+# one pytest worker per core, a test file's tests on one worker (its module fixtures once)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: install
 	$(PY) benchmarks/bench_fit.py
