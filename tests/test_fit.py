@@ -82,7 +82,9 @@ def small_stars():
 def test_every_method_reports_right_errors(small_stars, method):
     """The study's BFGS position errors were larger than the values; ours are pulls of ~1."""
     data, var, truth = small_stars
-    t = fit_stamps(data, var, method=method, dtype="float64")
+    n = 200 if method in ("tncg", "adam") else len(data)  # the slow methods: half the stars (pull std +-5 %)
+    truth = truth[:n] if hasattr(truth, "colnames") else {k: np.asarray(v)[:n] for k, v in truth.items()}
+    t = fit_stamps(data[:n], var[:n], method=method, dtype="float64")
     ok = t["flags"] == 0
     assert ok.mean() >= 0.99
     for name in ("x", "y", "flux", "fwhm"):
