@@ -686,6 +686,7 @@ def main():
     out_path.with_suffix(".txt").write_text(header + "\n\n" + text + "\n")
     print(f"\nwrote {out_path} and {out_path.with_suffix('.txt')}")
     if args.figures and scored:
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
         paths = figures([r["name"] for r in scored], plots, apcor, Path(args.figures))
         print("figures: " + ", ".join(map(str, paths)))
 
