@@ -42,7 +42,7 @@ def compare_with_pipeline(table, *, rb_min=0.5, bins=(-np.inf, 16.0, 18.0, 19.5)
     """
     from astropy.table import Table
 
-    from ztfpsf.plots_alerts import robust_std
+    from ztfpsf.apcorr import robust_sigma
 
     col = lambda name: np.asarray(table[name], float)  # noqa: E731
     rb, magpsf = col("rb"), col("magpsf")
@@ -63,8 +63,8 @@ def compare_with_pipeline(table, *, rb_min=0.5, bins=(-np.inf, 16.0, 18.0, 19.5)
                 warnings.simplefilter("ignore", RuntimeWarning)
                 rows.append((
                     label, name, int(m.sum()), int(mm.sum()), mm.sum() / max(m.sum(), 1),
-                    float(np.nanmedian(d[mm])) if mm.any() else np.nan, robust_std(d[mm]),
-                    robust_std(nd[mm]), robust_std(dap[m]),
+                    float(np.nanmedian(d[mm])) if mm.any() else np.nan, robust_sigma(d[mm]),
+                    robust_sigma(nd[mm]), robust_sigma(dap[m]),
                     float(np.nanmedian(ratio[mm])) if mm.any() else np.nan,
                 ))
     names = ("sample", "bin", "n", "n_measured", "frac_measured", "median_dmag", "rstd_dmag", "rstd_pull", "rstd_magap", "median_err_ratio")
@@ -161,7 +161,8 @@ def main(argv=None):
 
     from ztfpsf.alerts import measure_batch
     from ztfpsf.io.alerts import AlertBatch, find_alert_files, iter_batches
-    from ztfpsf.plots_alerts import plot_fwhm_comparison, plot_mag_comparison, robust_std
+    from ztfpsf.apcorr import robust_sigma
+    from ztfpsf.plots_alerts import plot_fwhm_comparison, plot_mag_comparison
 
     files = find_alert_files([args.data])
     t0 = time.perf_counter()
@@ -184,7 +185,7 @@ def main(argv=None):
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value}")
 
     pulls, _ = blank_sky_pulls(alerts, table)
-    print(f"\nblank-sky pulls flux/flux_err ({pulls.size} places): robust std {robust_std(pulls):.3f}, median {np.median(pulls):+.3f}, |pull| > 5: {np.mean(np.abs(pulls) > 5):.3f}")
+    print(f"\nblank-sky pulls flux/flux_err ({pulls.size} places): robust std {robust_sigma(pulls):.3f}, median {np.median(pulls):+.3f}, |pull| > 5: {np.mean(np.abs(pulls) > 5):.3f}")
     real = np.asarray(table["rb"]) >= 0.5
     ok = real & (np.asarray(table["flags"]) == 0)
     sources, counts = np.unique(np.asarray(table["psf_source"])[real], return_counts=True)
@@ -221,7 +222,7 @@ ABLATIONS = (
 def _ablations(alerts, default, gain):
     """mag - magpsf over rb >= 0.5 (any flags, so that every variant has the same alerts)."""
     from ztfpsf.alerts import AlertPSFConfig, measure_batch
-    from ztfpsf.plots_alerts import robust_std
+    from ztfpsf.apcorr import robust_sigma
 
     print("\nablations (rb >= 0.5, all measured alerts whatever their flags):")
     print(f"  {'variant':<58} {'n':>4} {'median':>8} {'rstd':>6} {'rstd <16':>9} {'16-18':>6} {'18-19.5':>8} {'pull rstd':>9}")
@@ -232,8 +233,8 @@ def _ablations(alerts, default, gain):
         d = np.asarray(t["mag"], float) - magpsf
         m = (np.asarray(t["rb"]) >= 0.5) & np.isfinite(d)
         pull = d / np.hypot(np.asarray(t["mag_err"], float), np.asarray(t["sigmapsf"], float))
-        bins = [robust_std(d[m & (magpsf >= lo) & (magpsf < hi)]) for lo, hi in ((-99, 16), (16, 18), (18, 19.5))]
-        print(f"  {name:<58} {m.sum():>4} {np.median(d[m]):>+8.3f} {robust_std(d[m]):>6.3f} {bins[0]:>9.3f} {bins[1]:>6.3f} {bins[2]:>8.3f} {robust_std(pull[m]):>9.3f}")
+        bins = [robust_sigma(d[m & (magpsf >= lo) & (magpsf < hi)]) for lo, hi in ((-99, 16), (16, 18), (18, 19.5))]
+        print(f"  {name:<58} {m.sum():>4} {np.median(d[m]):>+8.3f} {robust_sigma(d[m]):>6.3f} {bins[0]:>9.3f} {bins[1]:>6.3f} {bins[2]:>8.3f} {robust_sigma(pull[m]):>9.3f}")
         if change.get("free_shape"):
             print(f"  {'':<58} (median fitted alpha {np.nanmedian(np.asarray(t['alpha'])[m]):.2f})")
 

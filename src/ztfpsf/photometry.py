@@ -334,18 +334,21 @@ def photometry(
         warnings.warn("photometry without gain or variance: per-stamp border scatter used as the noise", stacklevel=2)
 
     out = _output(ident, x, y, (ra, dec), wcs, cols, dof, flags, zeropoint)
-    out.meta.update(
+    out.meta.update(_meta(psf, fit_position, zeropoint), stamp=size)
+    return out
+
+
+def _meta(psf, fit_position, zeropoint):
+    """The output table's metadata common to both ways of measuring."""
+    return dict(
         psf_model=psf.model.name,
         psf_mode=psf.mode,
         psf_image=str(psf.meta.get("image", "")),
         fit_position=bool(fit_position),
         zeropoint=None if zeropoint is None else float(zeropoint),
-        stamp=size,
         mag="zeropoint - 2.5 log10(flux); NaN for flux <= 0 or without a zero point",
         coordinates="0-based pixel coordinates, pixel centres at integers",
     )
-    return out
-
 
 
 def _output(ident, x, y, radec, wcs, cols, dof, flags, zeropoint):
@@ -416,12 +419,9 @@ def _grouped(exposure, psf, positions, parsed, sources, fit_position, max_shift,
     out = _output(ident, x, y, (ra, dec), exposure.wcs, cols, dof, flags, exposure.zeropoint)
     out["group_id"], out["group_size"] = np.where(gone, -1, t["group_id"]), np.where(gone, 0, t["group_size"])
     out.meta.update(
-        psf_model=psf.model.name, psf_mode=psf.mode, psf_image=str(psf.meta.get("image", "")),
-        fit_position=bool(fit_position), zeropoint=None if exposure.zeropoint is None else float(exposure.zeropoint),
+        _meta(psf, fit_position, exposure.zeropoint),
         grouped=True, fit_radius=opt.fit_radius, link=opt.link, fwhm=t.meta["fwhm"],
         n_groups=t.meta["n_groups"], n_other_sources=t.meta["n_other_sources"], other_sources=t.meta["other_sources"],
-        mag="zeropoint - 2.5 log10(flux); NaN for flux <= 0 or without a zero point",
-        coordinates="0-based pixel coordinates, pixel centres at integers",
         group="group_id, group_size: the group the position was fitted in (the position and its neighbours); "
               "chi2, dof over the position's fit disc",
     )

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_mag_comparison", "plot_fwhm_comparison", "robust_std"]
+from .apcorr import robust_sigma
+
+__all__ = ["plot_mag_comparison", "plot_fwhm_comparison"]
 
 DPI = 100
 
@@ -44,21 +46,12 @@ def _col(t, name):
     return np.asarray(t[name], dtype=float)
 
 
-def robust_std(values):
-    """1.4826 x the median absolute deviation of the finite values (NaN if none)."""
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return np.nan
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
-
-
 def _binned_rstd(x, y, edges):
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (x >= lo) & (x < hi) & np.isfinite(y)
         if m.sum() >= 3:
-            out.append((lo, hi, robust_std(y[m])))
+            out.append((lo, hi, robust_sigma(y[m])))
     return np.array(out).reshape(-1, 3)
 
 

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from ..apcorr import robust_sigma
 from . import _style
 
 __all__ = ["MAX_SIDE", "block_mean", "thumbnail_factor", "compute_residual_image", "plot_residual_image"]
@@ -53,7 +54,7 @@ def _stretch(thumb):
     if not v.size:
         return 0.0, 1.0
     med = float(np.median(v))
-    sigma = 1.4826 * float(np.median(np.abs(v - med))) or float(np.std(v)) or 1.0
+    sigma = robust_sigma(v) or float(np.std(v)) or 1.0
     return med + LOW * sigma, med + HIGH * sigma
 
 
