@@ -28,15 +28,29 @@ def robust_sigma(values):
 
 def aperture_fluxes(image, x, y, radius, background, mask=None):
     """Flux within circles of ``radius`` at (x, y) minus ``background`` x area; NaN where
-    a masked or non-finite pixel falls inside (exact pixel overlap, photutils)."""
-    from photutils.aperture import CircularAperture, aperture_photometry
+    a masked, non-finite or off-image pixel has its centre inside (exact pixel overlap,
+    photutils). Works on each aperture's cutout, not on copies of the whole image."""
+    from photutils.aperture import CircularAperture
 
-    data = np.asarray(image, dtype=np.float64)
-    bad = ~np.isfinite(data) if mask is None else (~np.isfinite(data) | np.asarray(mask, bool))
-    ap = CircularAperture(np.column_stack([x, y]), r=radius)
-    flux = np.asarray(aperture_photometry(np.where(bad, 0.0, data), ap)["aperture_sum"], dtype=np.float64)
-    hit = np.asarray(aperture_photometry(bad.astype(np.float64), ap, method="center")["aperture_sum"]) > 0
-    return np.where(hit, np.nan, flux - np.asarray(background) * np.pi * radius**2)
+    x, y = np.atleast_1d(np.asarray(x, np.float64)), np.atleast_1d(np.asarray(y, np.float64))
+    flux = np.full(x.shape, np.nan)
+    finite = np.isfinite(x) & np.isfinite(y)
+    if not finite.any():
+        return flux
+    masks = CircularAperture(np.column_stack([x[finite], y[finite]]), r=radius).to_mask(method="exact")
+    for i, m in zip(np.flatnonzero(finite), masks if isinstance(masks, list) else [masks]):
+        data = m.cutout(image, fill_value=np.nan)
+        if data is None:  # entirely off the image
+            continue
+        data = np.asarray(data, np.float64)
+        bad = ~np.isfinite(data)
+        if mask is not None:
+            bad |= np.asarray(m.cutout(np.asarray(mask, bool), fill_value=True), bool)
+        iy, ix = np.ogrid[m.bbox.iymin: m.bbox.iymax, m.bbox.ixmin: m.bbox.ixmax]
+        centre_inside = (ix - x[i]) ** 2 + (iy - y[i]) ** 2 <= radius**2
+        if not (bad & centre_inside).any():
+            flux[i] = np.sum(m.data * np.where(bad, 0.0, data))
+    return flux - np.asarray(background, np.float64) * np.pi * radius**2
 
 
 def aperture_check(image, table, radius, *, mask=None, min_snr=100.0, header_apcor=None):

@@ -799,9 +799,6 @@ def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, 
     n = data.shape[0]
     grid, K = ropts.grid, ropts.n_terms
     hm = Hybrid(m, grid)
-    total = _padded_size(n, 1)
-    ropts = ResidualOptions(**{**ropts.__dict__, "chunk": min(ropts.chunk, total)})
-    program = _residual_program(m, ropts)
     prior = residual_prior(ropts)
     degree = int(round(np.sqrt(2 * T.shape[1] + 0.25) - 1.5))  # T has (degree + 1)(degree + 2)/2 terms
     u_centre = lambda c: (legendre_basis(0.0, 0.0, degree) @ c.T)  # the shape at the image centre
@@ -811,11 +808,16 @@ def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, 
     n_iter, previous = 0, np.inf
     for it in range(rounds):
         use = train & ~outlier
-        constraints = grid.constraints(m, u_centre(coef))
-        args = [_pad(np.asarray(a), total) for a in (data, valid, full_var, noise, local, T @ coef.T, r)]
-        rho, new_local = program(prior, constraints, *args, rho, *[_pad(np.asarray(a), total) for a in (T[:, :K], use)])
-        rho, new_local = np.asarray(rho), np.asarray(new_local)[:n]
-        local = np.where(cand[:, None] & np.all(np.isfinite(new_local), axis=1, keepdims=True), new_local, local)
+        # only the surface's stars go through its solve (the others' local parameters are
+        # refitted by the joint step below): a third of its cost on the real quadrant
+        idx = np.flatnonzero(use)
+        total = _padded_size(idx.size, 1)
+        program = _residual_program(m, ResidualOptions(**{**ropts.__dict__, "chunk": min(ropts.chunk, total)}))
+        args = [_pad(np.asarray(a)[idx], total) for a in (data, valid, full_var, noise, local, T @ coef.T, r, T[:, :K], use)]
+        rho, new_local = program(prior, grid.constraints(m, u_centre(coef)), *args[:7], rho, *args[7:])
+        rho, new_local = np.asarray(rho), np.asarray(new_local)[: idx.size]
+        local = local.copy()
+        local[idx] = np.where(np.all(np.isfinite(new_local), axis=1, keepdims=True), new_local, local[idx])
         r = residual_nodes(rho, T[:, :K])
         res = joint_solve(hm, opts, data, valid, variance, noise, local, T, use, coef, devices, active=cand, nodes=r)
         n_iter += int(res["n_iter"])

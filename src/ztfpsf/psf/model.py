@@ -202,15 +202,17 @@ def _enclosed_fn(name, grid, radius, n_r=96, n_t=64):
     Y = (r[:, None] * np.sin(phi)[None]).reshape(-1)
     weight = np.repeat(wr, n_t)
 
+    if grid is not None:  # the surface's integral is linear in its nodes: one weight per node
+        bx, by = (np.asarray(grid.point_basis(jnp.asarray(v))) for v in (X, Y))
+        node_weight = np.einsum("p,pk,pj->kj", weight, by, bx).reshape(-1)
+
     def fn(block):
         nc = core.n_shape
         u = tuple(block[:, k, None] for k in range(nc))
-        val = core.profile(jnp.asarray(X)[None], jnp.asarray(Y)[None], u)
+        total = core.profile(jnp.asarray(X)[None], jnp.asarray(Y)[None], u) @ jnp.asarray(weight)
         if grid is not None:
-            r_nodes = block[:, nc:].reshape(block.shape[0], grid.n, grid.n)
-            bx, by = grid.point_basis(jnp.asarray(X)), grid.point_basis(jnp.asarray(Y))
-            val = val + jnp.einsum("pk,nkj,pj->np", by, r_nodes, bx)
-        return val @ jnp.asarray(weight)
+            total = total + block[:, nc:] @ jnp.asarray(node_weight)
+        return total
 
     return jax.jit(fn)
 

@@ -26,6 +26,7 @@ shape = the analytic shape followed by the node values), so the per-star LM fits
 position and background with it unchanged. Pure JAX, no I/O.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -123,21 +124,7 @@ class ResidualGrid:
         coma lobe has flux but hardly overlaps the core), so the analytic part need not
         take that flux and stretch its wings with it.
         """
-        import jax
-
-        half = self.radius + 2.0 * self.step
-        t = np.arange(-half + step / 2, half, step)
-        X, Y = np.meshgrid(t, t)
-        point = get_model(core.name, "center")
-
-        def prof(v):  # v = (x0, y0, *u)
-            return point.profile(jnp.asarray(X) - v[0], jnp.asarray(Y) - v[1], tuple(v[2 + k] for k in range(point.n_shape)))
-
-        v0 = jnp.concatenate([jnp.zeros(2), jnp.asarray(u, jnp.float64)])
-        D = jnp.concatenate([prof(v0)[..., None], jax.jacfwd(prof)(v0)], axis=-1)  # (ny, nx, 3 + n_shape)
-        b = np.asarray(self.point_basis(jnp.asarray(t)))  # (points, n)
-        along_x = np.einsum("abs,bj->asj", np.asarray(D), b)  # one axis at a time: two small products
-        return np.einsum("ak,asj->skj", b, along_x).reshape(D.shape[-1], self.size) * step * step
+        return np.asarray(_constraints_fn(core.name, self, float(step))(jnp.asarray(u, jnp.float64)))
 
     def smoothness(self):
         """``(m, size)``: second differences along x and y (the roughness penalty)."""
@@ -147,6 +134,27 @@ class ResidualGrid:
             d2[i, i: i + 3] = (1.0, -2.0, 1.0)
         eye = np.eye(n)
         return np.concatenate([np.kron(eye, d2), np.kron(d2, eye)])
+
+
+@functools.lru_cache(maxsize=16)
+def _constraints_fn(name, grid, step):
+    """Compiled :meth:`ResidualGrid.constraints` for one profile, grid and step."""
+    half = grid.radius + 2.0 * grid.step
+    t = np.arange(-half + step / 2, half, step)
+    X, Y = np.meshgrid(t, t)
+    point = get_model(name, "center")
+    b = np.asarray(grid.point_basis(jnp.asarray(t, jnp.float64)))  # (points, n)
+
+    def prof(v):  # v = (x0, y0, *u)
+        return point.profile(jnp.asarray(X) - v[0], jnp.asarray(Y) - v[1], tuple(v[2 + k] for k in range(point.n_shape)))
+
+    def fn(u):
+        v0 = jnp.concatenate([jnp.zeros(2, u.dtype), u])
+        D = jnp.concatenate([prof(v0)[..., None], jax.jacfwd(prof)(v0)], axis=-1)  # (ny, nx, 3 + n_shape)
+        along_x = jnp.einsum("abs,bj->asj", D, b)  # one axis at a time: two small products
+        return jnp.einsum("ak,asj->skj", b, along_x).reshape(D.shape[-1], grid.size) * step * step
+
+    return jax.jit(fn)
 
 
 def _grid_offsets(X, Y):
@@ -320,8 +328,15 @@ def residual_prior(opts):
     (numpy: passed to the compiled solve as data, not folded into it as a constant). The
     solve keeps only the nodes within the radius; the others are zero, which the
     smoothness term sees as its boundary."""
-    D = opts.grid.smoothness()
-    return np.eye(opts.grid.size) / opts.ridge**2 + D.T @ D / opts.smooth**2
+    return _prior(opts.grid, opts.ridge, opts.smooth)
+
+
+@functools.lru_cache(maxsize=8)
+def _prior(grid, ridge, smooth):
+    D = grid.smoothness()
+    prior = np.eye(grid.size) / ridge**2 + D.T @ D / smooth**2
+    prior.flags.writeable = False  # shared between calls
+    return prior
 
 
 def solve_residual(core, opts, prior, constraints, data, valid, variance, noise, local, u, r_prev, rho_prev, T, use):
