@@ -456,6 +456,60 @@ def star_concentration(ap_flux, zeropoint, bright):
     return out
 
 
+def far_profile(exposure, x, y, flux, mag, edges=(4, 7, 10, 14, 20, 30, 40, 60)):
+    """The stars' light far out, no PSF model involved: per magnitude bin, the median over
+    stars of each annulus' median pixel minus that of the 40-60 px ring, in ppm of the
+    star's flux per pixel, and the same in ADU. A far wing shows as a positive excess that
+    scales with the flux; a sky that differs near isolated stars (their surroundings are
+    free of detected sources by selection) as an offset constant in ADU."""
+    data = np.where(exposure.mask | exposure.saturated | ~np.isfinite(exposure.data), np.nan, exposure.data)
+    R = int(edges[-1])
+    g = np.arange(-R, R + 1)
+    out = []
+    for lo, hi in zip(MAG_BINS[:-2], MAG_BINS[1:-1]):
+        sel = np.flatnonzero((mag >= lo) & (mag < hi) & np.isfinite(flux) & (flux > 0))
+        if not sel.size:
+            continue
+        x0, y0 = np.floor(x[sel] + 0.5) - R, np.floor(y[sel] + 0.5) - R
+        pix = cut(data, x0.astype(np.int64), y0.astype(np.int64), 2 * R + 1)
+        r = np.hypot(g[None, None, :] - (x[sel] - x0 - R)[:, None, None], g[None, :, None] - (y[sel] - y0 - R)[:, None, None])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # stars near the edge: all-NaN rings
+            ring = lambda a, b: np.nanmedian(np.where((r >= a) & (r < b), pix, np.nan), axis=(1, 2))
+            far = ring(edges[-2], edges[-1])
+            adu = np.array([ring(a, b) - far for a, b in zip(edges[:-2], edges[1:-1])])
+            ppm = adu / flux[sel] * 1e6
+            out.append({"mag": [lo, hi], "n": int(sel.size), "annuli_px": [list(e) for e in zip(edges[:-2], edges[1:-1])],
+                        "ppm_per_px": np.nanmedian(ppm, axis=1).round(1).tolist(),
+                        "adu": np.nanmedian(adu, axis=1).round(3).tolist()})  # fmt: skip
+    return out
+
+
+#: Magnitude bins of the PSF - AP14 breakdown.
+MAG_BINS = (14, 15, 16, 17, 18, 19)
+
+
+def by_magnitude(res, ap_flux, sky, zeropoint, bright):
+    """Per PSF-magnitude bin and sample (``bright``: the 14-18 mag selection; ``faint``:
+    the 18-19.5 mag one): median PSF - AP14 [mmag] and median fitted background minus the
+    local sky [ADU] (the local sky, beyond 10 px, holds a bright star's own far wings),
+    with the star counts. Shows which stars set the slope."""
+    k14 = APERTURES.index(14)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dm = -2.5 * np.log10(res["flux"] / ap_flux[:, k14]) * 1e3
+        mag = zeropoint - 2.5 * np.log10(res["flux"])
+    db = res["background"] - sky
+    out = {}
+    for sample, sel in (("bright", bright), ("faint", ~bright)):
+        rows = []
+        for lo, hi in zip(MAG_BINS[:-1], MAG_BINS[1:]):
+            s = sel & (mag >= lo) & (mag < hi) & np.isfinite(dm)
+            rows.append({"mag": [lo, hi], "n": int(s.sum()), "psf_minus_ap14_mmag": float(np.median(dm[s])) if s.any() else None,
+                         "background_minus_sky": float(np.median(db[s])) if s.any() else None})  # fmt: skip
+        out[sample] = rows
+    return out
+
+
 def chi2_bins(res, snr):
     out = {}
     for lo, hi in SNR_BINS:
@@ -524,6 +578,7 @@ def score(name, render, info, exposure, reserve, ap_flux, apcor):
         "psf_minus_ap6": {k: v for k, v in pa[6.0].items() if k not in ("dm", "mag")},
         "psf_minus_ap14": {k: v for k, v in pa[14.0].items() if k not in ("dm", "mag")},
         "ap14_median_minus_apcor6": pa[14.0]["median"] - apcor[-1] if apcor is not None else None,
+        "by_magnitude": by_magnitude(res, ap_flux, reserve.sky, exposure.zeropoint, ~reserve.faint),
         "curve_of_growth": {"diameters_px": list(APERTURES), "model_pixel_centre": cog_centre.tolist(),
                             "model_pixel_corner": cog_corner.tolist(), "stars_median": stars_cog,
                             "header_apcor": None if apcor is None else list(apcor),
@@ -583,6 +638,14 @@ def table_text(results, apcor):
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     if apcor is not None:
         lines.append("| header APCOR | " + " | ".join(f"{a:+.3f}" for a in apcor) + " |")
+    lines += ["", "PSF - AP14 [mmag] (fitted background - local sky [ADU]) by PSF magnitude: median of the 14-18 mag "
+              "selection | of the 18-19.5 mag one (n stars):", "",
+              "| PSF | " + " | ".join(f"{lo}-{hi}" for lo, hi in zip(MAG_BINS[:-1], MAG_BINS[1:])) + " |",
+              "|" + "---|" * len(MAG_BINS)]  # fmt: skip
+    cell = lambda c: "–" if c["n"] == 0 else f"{c['psf_minus_ap14_mmag']:+.1f} ({c['background_minus_sky']:+.2f}; {c['n']})"
+    for r in results:
+        bm = r["by_magnitude"]
+        lines.append(f"| {r['name']} | " + " | ".join(f"{cell(b)} \\| {cell(f)}" for b, f in zip(bm["bright"], bm["faint"])) + " |")
     return "\n".join(lines)
 
 
@@ -681,6 +744,13 @@ def main():
     concentration = "; ".join(f"AP{k[2:].split('_')[0]} - AP14 {v['slope_mmag_per_mag']:+.2f} ({v['slope_14_18_mmag_per_mag']:+.2f})"
                               for k, v in sample["star_concentration"].items())
     print(f"the stars' own profile against magnitude (no PSF model; Theil-Sen, mmag/mag, 14-19 mag (14-18)): {concentration}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap_mag = exposure.zeropoint - 2.5 * np.log10(ap_flux[:, APERTURES.index(14)])
+    sample["far_profile"] = far_profile(exposure, reserve.x, reserve.y, reserve.flux, ap_mag)
+    far_text = "\n".join(f"  {b['mag'][0]}-{b['mag'][1]} mag ({b['n']}): " + ", ".join(
+        f"{a}-{c} px {p:+.1f} ppm ({v:+.2f} ADU)" for (a, c), p, v in zip(b["annuli_px"], b["ppm_per_px"], b["adu"]))
+        for b in sample["far_profile"])  # fmt: skip
+    print("the stars' light far out (annulus median minus the 40-60 px ring, per pixel):\n" + far_text)
 
     results, plots = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_real_psf_") as tmp:
@@ -703,6 +773,7 @@ def main():
     header = (f"Real-quadrant PSF benchmark: {image.name}; {mach['cpu']}, {mach['cores']} cores; "
               f"{sample['n_fit']} fit stars, {sample['n_reserve']} + {sample['n_faint_reserve']} reserve stars (seed {args.seed})")  # fmt: skip
     header += f"\nthe stars' own profile against magnitude (no PSF model; Theil-Sen slopes, mmag/mag, 14-19 mag (14-18 mag)): {concentration}"
+    header += "\nthe stars' light far out (annulus median minus the 40-60 px ring, per pixel, ppm of the flux and ADU):\n" + far_text
     print("\n" + header + "\n\n" + text)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
