@@ -163,6 +163,19 @@ def test_residual_image_is_the_noise(crowded):
     assert 0.95 < np.std(chi) < 1.1
 
 
+def test_rounds_of_iteration_caps_give_the_single_fit(crowded, monkeypatch):
+    """The groups fitted in rounds (a low iteration cap, then the capped groups again with
+    the full one) come out exactly as one fit with the full cap."""
+    import ztfpsf.psf.groups as groups
+
+    exp, _, table, _ = crowded
+    assert np.sum(np.asarray(table["group_size"]) == 1) >= groups.ROUND_MIN_GROUPS  # the fixture used rounds
+    monkeypatch.setattr(groups, "ROUND_CAPS", ())
+    single, _ = psf_catalog(exp, TRUE_PSF, options=CatalogOptions(redetect=True))
+    for name in ("flux", "flux_err", "x", "y", "background", "chi2", "flags"):
+        assert np.array_equal(np.asarray(table[name]), np.asarray(single[name]), equal_nan=True), name
+
+
 def test_groups_are_padded_to_few_sizes():
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 200, 400), rng.uniform(0, 200, 400)

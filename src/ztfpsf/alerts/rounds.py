@@ -14,6 +14,7 @@ would give; the stragglers only repeat their first few iterations. Batches of fe
 import numpy as np
 
 from ..fitting import fit_stamps
+from ..fitting.batching import in_rounds
 from ..flags import Flag
 
 __all__ = ["fit_in_rounds", "CAPS", "MIN_STARS"]
@@ -32,21 +33,19 @@ def _rows(value, idx, n):
 
 def fit_in_rounds(data, variance, *, max_iter=30, fixed=None, **kwargs):
     """``fit_stamps(data, variance, max_iter=max_iter, fixed=fixed, **kwargs)`` fitted in
-    rounds (:data:`CAPS`, then ``max_iter``); returns its columns as a dict of arrays."""
+    rounds (:data:`CAPS`, then ``max_iter``: :func:`ztfpsf.fitting.batching.in_rounds`);
+    returns its columns as a dict of arrays."""
     n = len(data)
     caps = [c for c in CAPS if c < max_iter and n >= MIN_STARS] + [max_iter]
-    out, todo = None, np.arange(n)
-    for cap in caps:
+
+    def fit(todo, cap):
         args = {k: (_rows(v, todo, n) if k in _PER_STAR else v) for k, v in kwargs.items()}
         fix = {k: _rows(v, todo, n) for k, v in fixed.items()} if fixed else None
         t = fit_stamps(data[todo], variance[todo], max_iter=cap, fixed=fix, **args)
-        if out is None:
-            out = {c: np.array(t[c]) for c in t.colnames}
-        else:
-            for c in t.colnames:
-                out[c][todo] = np.asarray(t[c])
-        capped = (np.asarray(t["n_iter"]) >= cap) & ((np.asarray(t["flags"]) & Flag.NOT_CONVERGED) != 0)
-        todo = todo[capped]
-        if todo.size == 0:
-            break
+        out = {c: np.asarray(t[c]) for c in t.colnames}
+        out["capped"] = (out["n_iter"] >= cap) & ((out["flags"] & Flag.NOT_CONVERGED) != 0)
+        return out
+
+    out = in_rounds(fit, n, caps)
+    del out["capped"]
     return out

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["select_devices", "default_chunk", "layout", "run_chunked"]
+__all__ = ["select_devices", "default_chunk", "layout", "run_chunked", "in_rounds"]
 
 #: Stars per chunk by platform: cache-sized on a CPU, large on an accelerator.
 CHUNK = {"cpu": 128}
@@ -125,3 +125,27 @@ def run_chunked(task, arrays, devices, chunk=None):
     log.debug("ran %d stars in %d batch(es) on %d device(s), chunks of %d", n, len(pending), len(devices), chunk)
     outs = [jax.tree.map(lambda o, k=k: np.asarray(o)[:k], out) for k, out in pending]
     return jax.tree.map(lambda *o: np.concatenate(o) if len(o) > 1 else o[0], *outs)
+
+
+def in_rounds(fit, n, caps):
+    """Fit ``n`` items in rounds of growing iteration caps: ``fit(idx, cap)`` fits the items
+    ``idx`` with at most ``cap`` iterations (per solve) and returns a dict of per-item arrays
+    with a bool ``"capped"`` (an item stopped by the cap, not by convergence). Each round
+    refits, from the same start, only the items the previous cap stopped. A chunk of a
+    compiled solver runs until its slowest item is done, and fits have long tails (most
+    converge in a few iterations, a few percent need the whole cap), so the first round
+    with a low cap does most of the work at a fraction of the cost. An item stops at
+    convergence whatever its cap: its result is the one a single fit with the last cap
+    would give. Returns the merged dict (``"capped"``: by the last cap)."""
+    out, todo = None, np.arange(n)
+    for k, cap in enumerate(caps):
+        res = fit(todo, cap)
+        if out is None:
+            out = {name: np.array(v) for name, v in res.items()}
+        else:
+            for name, v in res.items():
+                out[name][todo] = v
+        todo = todo[np.asarray(res["capped"], bool)]
+        if todo.size == 0:
+            break
+    return out

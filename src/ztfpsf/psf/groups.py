@@ -28,6 +28,7 @@ as :mod:`ztfpsf.psf.measure` does for one star. The compiled core is pure JAX; t
 host-side helpers below it (grouping, packing, windows, rendering) are numpy.
 """
 
+import dataclasses
 import logging
 import math
 import sys
@@ -39,7 +40,7 @@ import numpy as np
 
 from .._jax import with_x64
 from ..fitting import linalg
-from ..fitting.batching import run_chunked, select_devices
+from ..fitting.batching import in_rounds, run_chunked, select_devices
 from ..fitting.lm import lm_solve
 from ..fitting.objective import _profile_and_jacobian, flatten, noise_weight, pixel_grid
 from ..fitting.objective import normal_equations as _star_equations
@@ -50,6 +51,12 @@ log = logging.getLogger(__name__)
 __all__ = ["GroupModel", "GroupOptions", "SIZES", "friends_of_friends", "make_groups", "Groups", "measure_groups",
            "render_sources", "flux_scale", "window_size"]
 
+#: Iteration caps (per solve) of the rounds before the last (:func:`ztfpsf.fitting.batching.in_rounds`):
+#: on the real ZTF quadrant isolated sources need a median of 3 iterations, but a chunk of
+#: 64 ran ~10, its slowest member's; the few capped groups are refitted with the full cap.
+ROUND_CAPS = (4,)
+#: Fewest groups of one size fitted in rounds (each cap is one more program to compile).
+ROUND_MIN_GROUPS = 512
 #: Padded group sizes (members); a group goes to the smallest that holds it and its extent.
 SIZES = (1, 2, 4, 8, 16)
 #: Extent a group of each size may span, in linking lengths (the window grows with it).
@@ -196,15 +203,17 @@ def _fit_chunk(gm, opts, data, valid, scene, variance, per, theta0, active):
         return noise_weight(light, valid, per[:, 0], per[:, 1], per[:, 2])
 
     def solve(k, carry):  # the noise from the start, then (model noise) from the last solution
-        theta, _, n_iter, _ = carry
+        theta, _, n_iter, _, settled = carry
         w = weights(gm.sources(theta, xx, yy), theta)
         theta, _, A, _, n, conv, _ = lm_solve(gm, free, opts, theta, target, w, active, xx, yy)
-        return theta, A, n_iter + n, conv
+        return theta, A, n_iter + n, conv, settled & (conv | (n < opts.max_iter))
 
     A0 = jax.eval_shape(lambda t: gm.normal_equations(free, t, target, target, xx, yy)[1], theta0)
-    start = (theta0, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), A0), jnp.zeros(theta0.shape[0], jnp.int32), jnp.zeros(theta0.shape[0], bool))
+    n = theta0.shape[0]
+    start = (theta0, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), A0), jnp.zeros(n, jnp.int32), jnp.zeros(n, bool),
+             jnp.ones(n, bool))
     rounds = jnp.max(per[:, 4]).astype(jnp.int32) if opts.noise == "model" else 1
-    theta, A, n_iter, conv = jax.lax.fori_loop(0, rounds, solve, start)
+    theta, A, n_iter, conv, settled = jax.lax.fori_loop(0, rounds, solve, start)
     cov, ok = linalg.inverse(A, gm.n_free)
     var = _diagonal(cov, gm.n_free)
     # each member's own pixels: its chi2 and how many there are
@@ -215,7 +224,7 @@ def _fit_chunk(gm, opts, data, valid, scene, variance, per, theta0, active):
     disc = ((xx - x[..., None]) ** 2 + (yy - y[..., None]) ** 2 <= opts.fit_radius**2) & valid[:, None, :] & (m[..., None] > 0)
     chi2 = jnp.sum(jnp.where(disc, (w * r * r)[:, None, :], 0.0), axis=2)
     return dict(theta=theta[:, :gm.n_free], var=var, chi2=chi2, n_pix=jnp.sum(disc, axis=2), n_iter=n_iter,
-                converged=conv, ok=ok & active)
+                converged=conv, ok=ok & active, capped=~settled & active)
 
 
 # --------------------------------------------------------------------------------------
@@ -503,7 +512,10 @@ def measure_groups(psf, exposure, x, y, flux, groups, *, centre=None, held=None,
         var_in = np.ones((len(members), 1, 1)) if variance is None else np.broadcast_to(variance, (len(members), W, W))
         arrays = (np.where(valid, stamps.data, 0.0).astype(dtype), valid, sc.astype(dtype), var_in.astype(dtype),
                   per.astype(dtype), theta0.astype(dtype), np.ones(len(members), bool))
-        out = run_chunked((_fit_chunk, gm, opts), arrays, devices, _chunk(K, W))
+        fit = lambda idx, cap: run_chunked((_fit_chunk, gm, dataclasses.replace(opts, max_iter=cap)),
+                                           tuple(a[idx] for a in arrays), devices, _chunk(K, W))
+        caps = tuple(c for c in ROUND_CAPS if c < opts.max_iter and len(members) >= ROUND_MIN_GROUPS) + (opts.max_iter,)
+        out = in_rounds(fit, len(members), caps)
         _scatter(cols, dof, n_iter, flags, out, members, stamps.origin, scale, disc_flags, held)
         bar.update(len(members))
     bar.close()
@@ -607,6 +619,7 @@ def render_sources(psf, shape, x, y, flux, *, scale=None, limit=0.05, smallest=R
     x, y, total = x[ok], y[ok], flux[ok] / scale
     sizes = _render_size(psf, total, x, y, limit, smallest)
     dt = np.dtype(dtype)
+    where, light = [], []  # flat pixel indices and values of every stamp: one sum at the end
     for s in np.unique(sizes):
         for start in range(0, int(np.sum(sizes == s)), _RENDER_BATCH):
             idx = np.flatnonzero(sizes == s)[start:start + _RENDER_BATCH]
@@ -617,6 +630,7 @@ def render_sources(psf, shape, x, y, flux, *, scale=None, limit=0.05, smallest=R
             rows = y0.astype(np.int64)[:, None, None] + np.arange(s)[None, :, None]
             cols = x0.astype(np.int64)[:, None, None] + np.arange(s)[None, None, :]
             inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx) & np.isfinite(img)
-            flat = np.broadcast_to(rows * nx + cols, img.shape)[inside]
-            image += np.bincount(flat, weights=img[inside], minlength=ny * nx)
+            where.append(np.broadcast_to(rows * nx + cols, img.shape)[inside])
+            light.append(img[inside])
+    image += np.bincount(np.concatenate(where), weights=np.concatenate(light), minlength=ny * nx)
     return image.reshape(ny, nx)
