@@ -172,8 +172,9 @@ def free_fit(st, exposure):
     st.snr = st.flux / np.sqrt(c / (a * c - b * b))
 
 
-def load_sample(image, mask, seed, fit_fraction, faint_limit):
-    """Exposure, background, fit stars and reserve stars (14-18 mag, + faint reserve)."""
+def load_sample(image, mask, seed, fit_fraction, faint_limit, fit_stamp=STAMP):
+    """Exposure, background, fit stars (on ``fit_stamp`` px stamps) and reserve stars (14-18
+    mag, + faint reserve; always scored on :data:`STAMP` px stamps)."""
     exposure = read_exposure(image, mask=mask if mask else "auto")
     background = estimate_background(exposure)
     detections = detect_stars(exposure, background=background)
@@ -192,7 +193,7 @@ def load_sample(image, mask, seed, fit_fraction, faint_limit):
     ys = [np.asarray(bright["y_init"])[res_idx]] + ([np.asarray(faint["y_init"])] if faint is not None else [])
     n_faint = 0 if faint is None else len(faint)
     fit = Stars(
-        stamps=cut_stamps(exposure, np.asarray(bright["x_init"])[fit_idx], np.asarray(bright["y_init"])[fit_idx], STAMP, background=background),
+        stamps=cut_stamps(exposure, np.asarray(bright["x_init"])[fit_idx], np.asarray(bright["y_init"])[fit_idx], fit_stamp, background=background),
         faint=np.zeros(n_fit, bool),
     )  # fmt: skip
     reserve = Stars(
@@ -714,6 +715,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fit-fraction", type=float, default=0.8)
     ap.add_argument("--faint-limit", type=float, default=19.5, help="add isolated 18-LIMIT mag stars to the reserve (0: none)")
+    ap.add_argument("--fit-stamp", type=int, default=STAMP, help="stamp size [px] the ztfpsf PSFs are fitted on (scored on 17)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_psf.json"))
     ap.add_argument("--figures", default=str(ROOT / "docs"), help="folder for the figures ('' for none)")
     ap.add_argument("--workdir", help="keep SExtractor/PSFEx files here (default: a temporary folder)")
@@ -734,7 +736,7 @@ def main():
     mach = machine()
     print(f"{image.name}: {mach['cpu']}, {mach['cores']} cores, ztfpsf {mach['ztfpsf']}, jax {mach['jax']}")
     t0 = time.perf_counter()
-    exposure, background, fit, reserve, sample = load_sample(image, mask, args.seed, args.fit_fraction, args.faint_limit)
+    exposure, background, fit, reserve, sample = load_sample(image, mask, args.seed, args.fit_fraction, args.faint_limit, args.fit_stamp)
     sample["stars_s"] = time.perf_counter() - t0
     print(f"stars: {sample['n_selected']} selected (14-18 mag) -> {sample['n_fit']} fit, {sample['n_reserve']} reserve, "
           f"+ {sample['n_faint_reserve']} faint reserve (18-{args.faint_limit:g} mag); {sample['stars_s']:.1f} s")  # fmt: skip
@@ -778,7 +780,7 @@ def main():
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": mach, "image": str(image), "mask": None if mask is None else str(mask), "sample": sample,
-               "stamp": STAMP, "snr_bins": [list(b) for b in SNR_BINS], "apertures_px": list(APERTURES),
+               "stamp": STAMP, "fit_stamp": args.fit_stamp, "snr_bins": [list(b) for b in SNR_BINS], "apertures_px": list(APERTURES),
                "header_apcor": apcor, "zeropoint": exposure.zeropoint, "gain": exposure.gain, "results": results}  # fmt: skip
     write_json(payload, out_path)
     out_path.with_suffix(".txt").write_text(header + "\n\n" + text + "\n")
