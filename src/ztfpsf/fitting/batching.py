@@ -138,7 +138,7 @@ def in_rounds(fit, n, caps):
     convergence whatever its cap: its result is the one a single fit with the last cap
     would give. Returns the merged dict (``"capped"``: by the last cap)."""
     out, todo = None, np.arange(n)
-    for k, cap in enumerate(caps):
+    for cap in caps:
         res = fit(todo, cap)
         if out is None:
             out = {name: np.array(v) for name, v in res.items()}
