@@ -36,7 +36,8 @@ Steps (the full cached quadrant by default, ``ztfpsf.datasets.ztf_quadrant()``):
    ``--check-psfex`` verifies them on every accepted sample against PSFEx's own model
    (its SAMPLES - RESIDUALS check images): agreement to ~1e-6 relative rms.
 3. **One evaluator** for every PSF (:func:`evaluate`), given only a renderer
-   ``render(x, y, shape) -> (stamps (N, ny, nx) of unit flux, (x0, y0) of pixel [0, 0])``:
+   ``render(x, y, shape) -> (stamps (N, ny, nx) of unit flux, (x0, y0) of pixel [0, 0])``
+   (with ``flux=`` for a flux-dependent PSF, re-rendered at each step's flux):
    on each reserve star, PSF fixed, weighted least squares for flux, x, y and background
    (Gauss-Newton, position derivatives by central differences of the renderer, 8 steps),
    variance ``max(model - background, 0) / gain + sigma_sky**2`` from the current model,
@@ -222,10 +223,11 @@ class Context:
 
 
 def psfmodel_renderer(psf):
-    def render(x, y, shape):
-        img, (x0, y0) = psf.stamp(np.asarray(x, float), np.asarray(y, float), shape=shape, return_origin=True)
+    def render(x, y, shape, flux=None):
+        img, (x0, y0) = psf.stamp(np.asarray(x, float), np.asarray(y, float), shape=shape, return_origin=True, flux=flux)
         return np.asarray(img, np.float64), (np.asarray(x0, np.float64), np.asarray(y0, np.float64))
 
+    render.flux_dependent = psf.flux_dependent
     return render
 
 
@@ -305,6 +307,7 @@ BUILDERS = {
     "elliptical_moffat_gl4": ztfpsf_builder("elliptical_moffat", integration="gl4"),
     "hybrid": ztfpsf_builder("elliptical_moffat", hybrid=True),
     "hybrid_gl4": ztfpsf_builder("elliptical_moffat", hybrid=True, integration="gl4"),
+    "hybrid_flux": ztfpsf_builder("elliptical_moffat", hybrid=True, residual_flux=True),
     "psfex": psfex_builder(),
     "psfex_samp1": psfex_builder(sampling=1.0, basis="PIXEL"),
 }
@@ -313,12 +316,12 @@ BUILDERS = {
 # ----------------------------------------------------------------------------------------
 # the evaluator (model-agnostic)
 # ----------------------------------------------------------------------------------------
-def on_data_grid(render, x, y, origin, size, pad=2):
+def on_data_grid(render, x, y, origin, size, pad=2, flux=None):
     """Unit-flux models of the stars on their data stamps' pixels: rendered ``pad`` px
     larger around the star's own nearest pixel, then cut at the data stamp's origin
-    (NaN for a star that moved more than ``pad`` px)."""
+    (NaN for a star that moved more than ``pad`` px); ``flux`` for a flux-dependent PSF."""
     big = size + 2 * pad
-    img, (ox, oy) = render(x, y, (big, big))
+    img, (ox, oy) = render(x, y, (big, big), flux=flux) if getattr(render, "flux_dependent", False) else render(x, y, (big, big))
     ix = np.asarray(origin[:, 0] - ox, dtype=np.int64)
     iy = np.asarray(origin[:, 1] - oy, dtype=np.int64)
     ok = (ix >= 0) & (ix <= 2 * pad) & (iy >= 0) & (iy <= 2 * pad)
@@ -343,7 +346,8 @@ def evaluate(render, stars, gain, n_iter=8, h=0.01, max_step=0.5):
     d = np.where(valid, s.data, 0.0)
     s2 = stars.sky_rms[:, None, None] ** 2
     x, y = stars.x.astype(np.float64).copy(), stars.y.astype(np.float64).copy()
-    grid = lambda xx, yy: on_data_grid(render, xx, yy, s.origin, size)
+    f = stars.flux.astype(np.float64).copy()  # the free fit's until the first step: a flux-dependent PSF's shape
+    grid = lambda xx, yy: on_data_grid(render, xx, yy, s.origin, size, flux=f)
     P = grid(x, y)
     # linear start: flux and background at the free-fit position, sky weights
     w = valid / s2

@@ -153,9 +153,9 @@ def _prepare(exposure, psf, ident, x, y, background, held=None):
     use = on_image & in_psf
     xs, ys = np.where(use, x, np.nan), np.where(use, y, np.nan)
     x0, y0 = np.nan_to_num(x), np.nan_to_num(y)
-    return dict(id=np.asarray(ident), x=x, y=y, use=use, sx=xs, sy=ys, px=xs, py=ys,
-                flux=np.where(use, _start_flux(exposure, psf, x0, y0, background.level), np.nan),
-                scale=np.where(use, flux_scale(psf, x0, y0), 1.0), flags=flags.astype(np.int64), redetected=np.zeros(len(x), bool),
+    flux = np.where(use, _start_flux(exposure, psf, x0, y0, background.level), np.nan)
+    return dict(id=np.asarray(ident), x=x, y=y, use=use, sx=xs, sy=ys, px=xs, py=ys, flux=flux,
+                scale=np.where(use, flux_scale(psf, x0, y0, flux=flux), 1.0), flags=flags.astype(np.int64), redetected=np.zeros(len(x), bool),
                 held=np.zeros(len(x), bool) if held is None else np.asarray(held, bool))
 
 
@@ -177,8 +177,9 @@ def _with_redetected(exposure, psf, src, background, fwhm, opt):
     nxs, nys = _redetect(exposure, background, exposure.data - scene, src["sx"][use], src["sy"][use], fwhm, opt.redetect_sigma)
     if not len(nxs):
         return src
+    flux = _start_flux(exposure, psf, nxs, nys, background.level + scene)
     new = dict(id=-1 - np.arange(len(nxs)), x=nxs, y=nys, use=np.ones(len(nxs), bool), sx=nxs, sy=nys, px=nxs, py=nys,
-               flux=_start_flux(exposure, psf, nxs, nys, background.level + scene), scale=flux_scale(psf, nxs, nys),
+               flux=flux, scale=flux_scale(psf, nxs, nys, flux=flux),
                flags=np.zeros(len(nxs), np.int64), redetected=np.ones(len(nxs), bool), held=np.zeros(len(nxs), bool))
     return {k: np.concatenate([src[k], new[k]]) for k in src}
 

@@ -24,7 +24,9 @@ class FitConfig:
     Fit: ``model``, ``method``, ``dtype``, ``backend``, ``psf`` ('independent', 'shared',
     'varying'), ``degree``, ``psf_model`` (with a shared or varying PSF: 'analytic', 'hybrid'
     (analytic + pixel residual surface, :mod:`ztfpsf.psf.residual`) or 'auto': hybrid when
-    at least ``HYBRID_MIN_STARS`` stars were selected), ``reserve``, ``noise`` ('measured': sky variance from the
+    at least ``HYBRID_MIN_STARS`` stars were selected), ``residual_flux`` (a hybrid PSF's
+    surface gets a term linear in log flux: ZTF's cores change with the flux;
+    :func:`ztfpsf.psf.fit_psf`), ``reserve``, ``noise`` ('measured': sky variance from the
     measured background rms; 'header': gain and read noise only; see
     :func:`ztfpsf.stamps.noise_model`), ``brighter_fatter`` ('auto': a flux-dependent PSF size
     when the stars' size-flux slope is beyond 3 sigma; 'on'; 'off': the diagnostic only;
@@ -56,6 +58,7 @@ class FitConfig:
     psf: str = "independent"
     degree: int = 2
     psf_model: str = "auto"
+    residual_flux: bool = True
     reserve: float = 0.1
     brighter_fatter: str = "off"
     seed: int = 0

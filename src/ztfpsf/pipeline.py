@@ -151,6 +151,7 @@ def _fit(stamps, exposure, config, noise):
         psf, joint, stats = fit_psf(
             stamps.data, **common, **{**kw, "dtype": "float64"}, mode=config.psf, degree=degree, reserve=config.reserve,
             seed=config.seed, image_shape=exposure.shape, image=str(exposure.path), hybrid=hybrid,
+            residual_flux=hybrid and config.residual_flux,
         )  # fmt: skip
     except ValueError as err:  # too few usable stars even for one shared shape: keep the star fits
         log.warning("%s: no %s PSF model (%s); the independent star fits are kept", exposure.name, config.psf, err)

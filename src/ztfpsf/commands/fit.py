@@ -23,6 +23,9 @@ def add_arguments(p):
     p.add_argument("--psf-model", choices=("auto", "analytic", "hybrid"), default="auto",
                    help="with --psf shared|varying: analytic profile, or hybrid = analytic + pixel residual surface "
                         "(default auto: hybrid from 50 selected stars on)")
+    p.add_argument("--residual-flux", choices=("on", "off"), default="on",
+                   help="a hybrid PSF's residual surface changes linearly with log flux (default on: the cores of "
+                        "ZTF stars do)")
     p.add_argument("--brighter-fatter", choices=("auto", "on", "off"), default="off",
                    help="flux-dependent PSF size (brighter-fatter) with --psf shared|varying: off (default: the size/flux "
                         "diagnostic only), on, or auto (when the stars' size trend and the law's slope exceed 3 sigma)")
@@ -67,7 +70,7 @@ def config_from_args(args):
         pixel_scale=args.pixel_scale, mag_range=tuple(args.mag_range), isolation=args.isolation,
         isolation_px=args.isolation_px, edge=args.edge, stamp=args.stamp, min_snr=args.min_snr,
         model=args.model, method=args.method, dtype=args.dtype, backend=args.backend, psf=args.psf,
-        degree=args.degree, psf_model=args.psf_model, reserve=args.reserve, brighter_fatter=args.brighter_fatter, noise=args.noise, overwrite=args.overwrite, history=args.history, report=args.report,
+        degree=args.degree, psf_model=args.psf_model, residual_flux=args.residual_flux == "on", reserve=args.reserve, brighter_fatter=args.brighter_fatter, noise=args.noise, overwrite=args.overwrite, history=args.history, report=args.report,
     )  # fmt: skip
 
 

@@ -52,7 +52,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "size_factor", "size_shift", "SIZE_INDICES", "robust_line", "size_trend", "aperture_trend", "diagnose",
+    "log_flux", "size_factor", "size_shift", "SIZE_INDICES", "robust_line", "size_trend", "aperture_trend", "diagnose",
     "fit_slope", "apply", "AUTO_SIGMA", "MODES", "SLOPE_UNIT", "star_sizes", "size_points", "aperture_points",
     "remeasure", "with_law",
 ]  # fmt: skip
@@ -70,10 +70,10 @@ _MAG_PER_LN = 2.5 / np.log(10.0)
 # --------------------------------------------------------------------------------------
 # the law
 # --------------------------------------------------------------------------------------
-def size_factor(flux, slope, flux_ref, lg_range=None):
-    """``1 + slope (log10 flux - log10 flux_ref)`` (flux clamped to ``10**lg_range``;
-    non-positive or non-finite flux: the faint end, or ``flux_ref`` without a range),
-    kept within [0.5, 2]."""
+def log_flux(flux, flux_ref, lg_range=None):
+    """``log10 flux - log10 flux_ref``, flux clamped to ``10**lg_range`` (non-positive or
+    non-finite flux: the faint end, or ``flux_ref`` without a range): the variable of
+    every flux-dependent part of a PSF (the size law, the residual surface's flux term)."""
     flux = np.asarray(flux, dtype=np.float64)
     lg_ref = np.log10(float(flux_ref))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -81,8 +81,12 @@ def size_factor(flux, slope, flux_ref, lg_range=None):
     if lg_range is not None:
         lo, hi = (float(v) for v in lg_range)
         lg = np.clip(np.where(np.isfinite(lg), lg, lo), lo, hi)
-    lg = np.where(np.isfinite(lg), lg, lg_ref)
-    return np.clip(1.0 + float(slope) * (lg - lg_ref), 0.5, 2.0)
+    return np.where(np.isfinite(lg), lg - lg_ref, 0.0)
+
+
+def size_factor(flux, slope, flux_ref, lg_range=None):
+    """``1 + slope (log10 flux - log10 flux_ref)`` (:func:`log_flux`), kept within [0.5, 2]."""
+    return np.clip(1.0 + float(slope) * log_flux(flux, flux_ref, lg_range), 0.5, 2.0)
 
 
 def size_shift(model_name, u, flux, slope, flux_ref, lg_range=None):
@@ -400,6 +404,8 @@ def fit_slope(psf, data, origin, table, *, use=None, mask=None, gain=None, read_
     w = np.where(np.isfinite(w), w, 0.0)
     flux_ref = float(10 ** (np.sum(w * lg) / np.sum(w))) if np.sum(w) > 0 else float(10 ** np.median(lg))
     lg_range = (float(lg.min()), float(lg.max()))
+    if psf.residual_flux:  # one reference for every flux term: the surface's
+        flux_ref, lg_range = psf.bf_ref, psf.bf_range
     x, y = np.asarray(sub["x"], np.float64), np.asarray(sub["y"], np.float64)
     args = (flux_ref, lg_range, d, o, x, y, flux[idx], m, var, saturation, backend)
     centre, steps = np.zeros(2), np.asarray(step, np.float64)

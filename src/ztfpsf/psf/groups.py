@@ -45,6 +45,7 @@ from ..fitting.lm import lm_solve
 from ..fitting.objective import _profile_and_jacobian, flatten, noise_weight, pixel_grid
 from ..fitting.objective import normal_equations as _star_equations
 from ..flags import Flag
+from .brighter_fatter import log_flux
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +480,7 @@ def measure_groups(psf, exposure, x, y, flux, groups, *, centre=None, held=None,
     fitted = groups.label >= 0
     if scale is None:
         scale = np.ones(n)
-        scale[fitted] = flux_scale(psf, x[fitted], y[fitted])
+        scale[fitted] = flux_scale(psf, x[fitted], y[fitted], flux=flux[fitted])
     model = fit_profile(psf, x[fitted], y[fitted])
     bar = tqdm(total=groups.n_groups, desc="groups", unit="group", disable=not (progress and sys.stderr.isatty()), leave=False)
     for K, members in groups.members.items():
@@ -502,7 +503,7 @@ def measure_groups(psf, exposure, x, y, flux, groups, *, centre=None, held=None,
             with np.errstate(all="ignore"):
                 b0 = np.nan_to_num(np.nanmedian(np.where(valid, stamps.data, np.nan), axis=(1, 2)))
         f0 = np.where(real, np.nan_to_num(flux[mi]) / scale[mi], 0.0)
-        blocks = psf.shape_block(x[mi].ravel(), y[mi].ravel()).reshape(len(members), -1)
+        blocks = psf.shape_block(x[mi].ravel(), y[mi].ravel(), flux=law_flux(psf, flux[mi].ravel())).reshape(len(members), -1)
         local = np.stack([f0, ox, oy], axis=2).reshape(len(members), -1)
         prior = np.stack([px[mi] - stamps.origin[:, :1], py[mi] - stamps.origin[:, 1:]], axis=2).reshape(len(members), -1)
         theta0 = np.concatenate([local, b0[:, None], prior, real.astype(np.float64),
@@ -562,23 +563,35 @@ RENDER_SIZES = (17, 33, 65, 129)
 _RENDER_BATCH = 1024  # sources rendered per call (the last call padded to a power of two)
 
 
-def flux_scale(psf, x, y, n=9):
+def flux_scale(psf, x, y, n=9, flux=None):
     """:meth:`~ztfpsf.psf.PSFModel.enclosed` at each position (the flux within the PSF's
     ``flux_radius`` of a unit-total-flux source): one evaluation for a PSF with one shape,
     else cubic interpolation from an ``n x n`` grid over its bounds (the fraction varies
-    smoothly; a disc integral per source would cost more than the fit)."""
+    smoothly; a disc integral per source would cost more than the fit). ``flux`` (on the
+    PSF's scale): the sources' own for a residual surface with a flux term, whose disc
+    integral is linear in ``log10 flux`` (a size law is left at its reference)."""
     from scipy.interpolate import RegularGridInterpolator
 
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     xmin, xmax, ymin, ymax = psf.bounds
+    xc, yc = 0.5 * (xmin + xmax), 0.5 * (ymin + ymax)
     if psf.degree == 0 or len(x) <= n * n:
-        if psf.degree == 0:
-            return np.full(x.shape, float(psf.enclosed(0.5 * (xmin + xmax), 0.5 * (ymin + ymax))))
-        return psf.enclosed(x, y)
-    gx, gy = np.linspace(xmin, xmax, n), np.linspace(ymin, ymax, n)
-    values = psf.enclosed(*np.meshgrid(gx, gy))
-    interp = RegularGridInterpolator((gy, gx), values, method="cubic", bounds_error=False, fill_value=None)
-    return interp(np.column_stack([np.clip(y, ymin, ymax), np.clip(x, xmin, xmax)]))
+        values = np.full(x.shape, float(psf.enclosed(xc, yc))) if psf.degree == 0 else psf.enclosed(x, y)
+    else:
+        gx, gy = np.linspace(xmin, xmax, n), np.linspace(ymin, ymax, n)
+        grid = psf.enclosed(*np.meshgrid(gx, gy))
+        interp = RegularGridInterpolator((gy, gx), grid, method="cubic", bounds_error=False, fill_value=None)
+        values = interp(np.column_stack([np.clip(y, ymin, ymax), np.clip(x, xmin, xmax)]))
+    if flux is None or not psf.residual_flux:
+        return values
+    top = 10 ** psf.bf_range[1] if psf.bf_range else 10 * psf.bf_ref
+    per_dex = (float(psf.enclosed(xc, yc, flux=top)) - float(psf.enclosed(xc, yc))) / float(log_flux(top, psf.bf_ref, psf.bf_range))
+    return values + per_dex * log_flux(np.asarray(flux, np.float64), psf.bf_ref, psf.bf_range)
+
+
+def law_flux(psf, flux):
+    """The fluxes that set a flux-dependent PSF's shape (None for a PSF without one)."""
+    return np.asarray(flux, np.float64) if psf.flux_dependent else None
 
 
 def _render_size(psf, total, x, y, limit, smallest):
@@ -615,8 +628,9 @@ def render_sources(psf, shape, x, y, flux, *, scale=None, limit=0.05, smallest=R
     image = np.zeros(ny * nx)
     if not ok.any():
         return image.reshape(ny, nx)
-    scale = flux_scale(psf, x[ok], y[ok]) if scale is None else np.asarray(scale, np.float64)[ok]
-    x, y, total = x[ok], y[ok], flux[ok] / scale
+    scale = flux_scale(psf, x[ok], y[ok], flux=flux[ok]) if scale is None else np.asarray(scale, np.float64)[ok]
+    x, y, flux = x[ok], y[ok], flux[ok]
+    total = flux / scale
     sizes = _render_size(psf, total, x, y, limit, smallest)
     dt = np.dtype(dtype)
     where, light = [], []  # flat pixel indices and values of every stamp: one sum at the end
@@ -624,7 +638,7 @@ def render_sources(psf, shape, x, y, flux, *, scale=None, limit=0.05, smallest=R
         for start in range(0, int(np.sum(sizes == s)), _RENDER_BATCH):
             idx = np.flatnonzero(sizes == s)[start:start + _RENDER_BATCH]
             x0, y0 = stamp_origin(x[idx], y[idx], s)
-            block = psf.shape_block(x[idx], y[idx]).astype(dt)
+            block = psf.shape_block(x[idx], y[idx], flux=law_flux(psf, flux[idx])).astype(dt)
             img = _padded(_stamp_fn(psf.profile_model, int(s), int(s)), (x[idx] - x0).astype(dt), (y[idx] - y0).astype(dt), block)
             img = img * total[idx, None, None]
             rows = y0.astype(np.int64)[:, None, None] + np.arange(s)[None, :, None]

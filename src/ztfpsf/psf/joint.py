@@ -57,9 +57,10 @@ from ..fitting.objective import flatten, model_image, noise_weight, normal_equat
 from ..flags import BAD, Flag
 from ..models import get_model
 from .basis import basis_terms, legendre_basis, normalise
+from .brighter_fatter import log_flux
 from .measure import usable_pixels
 from .model import PSFModel
-from .residual import Hybrid, ResidualGrid, ResidualOptions, residual_nodes, residual_prior, solve_residual
+from .residual import Hybrid, ResidualGrid, ResidualOptions, residual_nodes, residual_prior, solve_residual, surface_constraints
 
 __all__ = ["fit_psf", "MODES", "JointOptions", "joint_solve", "N_LOCAL"]
 
@@ -547,6 +548,7 @@ def fit_psf(
     oversampling=2,
     residual_radius=8,
     hybrid_rounds=8,
+    residual_flux=False,
 ):
     """Fit one PSF to all stars of an image: a shared shape, or a shape varying over it.
 
@@ -588,6 +590,14 @@ def fit_psf(
         and background are fitted in turn, ``hybrid_rounds`` times, outliers re-judged
         with the whole PSF each round. Real PSFs are not Moffats: on the ZTF quadrant this
         takes the reserve stars' chi2/dof from ~3.5 to ~1.4.
+    residual_flux : bool
+        Give the residual surface a flux term: a star of flux ``F`` adds ``(log10 F -
+        log10 F_ref)`` times one more surface (the same everywhere on the image; it moves
+        light and adds none, :func:`~ztfpsf.psf.residual.surface_constraints`), with
+        ``F_ref`` the fit's stars' flux-weighted mean log flux and ``F`` clamped to their
+        1st-99th percentiles (:attr:`PSFModel.residual_flux`). ZTF's undersampled cores
+        change with the flux, so a flux-independent PSF biases faint against bright
+        stars' fluxes (the README's PSF - aperture slope).
 
     Returns
     -------
@@ -602,7 +612,7 @@ def fit_psf(
     stats : dict
         ``model, mode, degree, n_stars, n_fit, n_reserve, n_outlier, n_excluded,
         chi2_dof_train, chi2_dof_reserve, converged, n_iter, rounds, fwhm_median``,
-        ``hybrid`` and ``reserve_by_snr`` (chi2/dof and count of the scored reserve stars
+        ``hybrid``, ``residual_flux`` and ``reserve_by_snr`` (chi2/dof and count of the scored reserve stars
         per S/N bin ``20-50, 50-100, 100-300, >300``).
     """
     if mode == "independent":
@@ -696,13 +706,14 @@ def fit_psf(
                 chi2_dof = res["chi2"] / (res["n_valid"] - N_LOCAL)
     used = res["used"]
     converged = bool(res["converged"])
-    rho = None
+    rho, flux_law = None, None
     if hybrid:
         Kr = len(basis_terms(min(int(residual_degree), degree)))
-        ropts = ResidualOptions(grid=ResidualGrid(int(oversampling), int(residual_radius)), n_terms=Kr, noise=noise_mode)
-        rho, res, coef, local, outlier, n_h = _fit_residual(
+        n_flux = int(bool(residual_flux))
+        ropts = ResidualOptions(grid=ResidualGrid(int(oversampling), int(residual_radius)), n_terms=Kr + n_flux, noise=noise_mode)
+        rho, res, coef, local, outlier, n_h, flux_law = _fit_residual(
             m, ropts, opts, data_c, valid, var_arr, noise, local, coef, T, train, cand, outlier, clip,
-            max(max_clip_fraction, 0.1), devices, int(hybrid_rounds))
+            max(max_clip_fraction, 0.1), devices, int(hybrid_rounds), n_flux)
         used, converged = res["used"], bool(res["converged"])
         n_iter += n_h
         dof = res["n_valid"] - N_LOCAL
@@ -722,9 +733,10 @@ def fit_psf(
         log.warning("joint PSF fit: the coefficients' covariance is singular (stars clustered, or too few for "
                     "degree %d); shape errors are NaN", degree)
         cov = None
-    psf = PSFModel(m, coef, bounds, degree=degree, cov=cov, support=_hull(res["local"][used, 1] + origin[used, 0], res["local"][used, 2] + origin[used, 1]), integration=m.integration,
-                   image_shape=image_shape, meta=meta, residual=rho,
-                   grid=None if rho is None else ropts.grid)
+    xu, yu = res["local"][used, 1] + origin[used, 0], res["local"][used, 2] + origin[used, 1]
+    psf = PSFModel(m, coef, bounds, degree=degree, cov=cov, support=_hull(xu, yu), integration=m.integration,
+                   image_shape=image_shape, meta=meta, residual=rho, grid=None if rho is None else ropts.grid,
+                   **({} if flux_law is None else _flux_terms(m, coef, bounds, degree, rho, ropts.grid, flux_law, xu, yu)))
     start = dict(x=xs if x_init is None else _per_star("x_init", x_init, n),
                  y=ys if y_init is None else _per_star("y_init", y_init, n))
     flags = flags_px | np.where(no_data, int(Flag.NO_DATA), 0) | np.where(no_source, int(Flag.NO_SOURCE), 0)
@@ -736,7 +748,7 @@ def fit_psf(
     score = reserved & ~left_out & ((np.asarray(table["flags"]) & int(BAD)) == 0)
     chi2_res = float(np.sum(table["chi2"][score]) / np.sum(table["dof"][score])) if score.any() else np.nan
     stats = dict(
-        hybrid=rho is not None, reserve_by_snr=reserve_by_snr(table, score),
+        hybrid=rho is not None, residual_flux=flux_law is not None, reserve_by_snr=reserve_by_snr(table, score),
         model=m.name, mode=mode, degree=degree, n_stars=n, n_fit=int(used.sum()), n_reserve=int(reserved.sum()),
         n_outlier=int(left_out.sum()), n_excluded=int(n - n_cand), chi2_dof_train=chi2_train,
         chi2_dof_reserve=chi2_res, converged=converged, n_iter=n_iter, rounds=rounds, covariance_ok=cov is not None,
@@ -783,8 +795,29 @@ def _residual_program(core, ropts):
     return jax.jit(functools.partial(solve_residual, core, ropts))
 
 
+def _flux_terms(m, coef, bounds, degree, rho, grid, law, x, y):
+    """:class:`PSFModel` arguments of a residual surface with flux terms fitted with ``law =
+    (reference, range, n_flux)`` of the profile's amplitude: reference and range moved to
+    the PSF's flux scale (flux within ``FLUXRAD``) by the median enclosed fraction at the
+    fit's stars ``x, y``."""
+    ref, (lo, hi), n_flux = law
+    spatial = PSFModel(m, coef, bounds, degree=degree, residual=rho[:-n_flux], grid=grid)
+    lg_scale = float(np.log10(np.median(spatial.enclosed(x, y))))
+    return dict(bf_ref=ref * 10**lg_scale, bf_range=(lo + lg_scale, hi + lg_scale), residual_flux=n_flux)
+
+
+def _flux_law(amplitude, use):
+    """Reference and log10 range (1st-99th percentile) of the fit's stars' amplitudes. The
+    reference is their flux-weighted mean log flux, about where the stars' shape
+    information is centred: the flux term then hardly overlaps a change of the analytic
+    shape, and the alternation with the joint fit does not trade the two for rounds."""
+    amp = amplitude[use & np.isfinite(amplitude) & (amplitude > 0)]
+    lg = np.log10(amp)
+    return 10 ** float(np.sum(amp * lg) / np.sum(amp)), (float(np.percentile(lg, 1)), float(np.percentile(lg, 99)))
+
+
 def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, train, cand, outlier, clip,
-                  max_clip_fraction, devices, rounds, tol_rounds=5e-3):
+                  max_clip_fraction, devices, rounds, n_flux=0, tol_rounds=5e-3):
     """The hybrid PSF: the residual surface and the analytic part fitted in turn.
 
     Each round solves the residual surface (a linear problem: stars' flux, position and
@@ -794,17 +827,28 @@ def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, 
     what the surface describes. Outliers are judged afresh with the whole PSF each round:
     stars the analytic model alone could not fit (the brightest) are those the surface
     needs. Returns the coefficients ``(K, size)``, the last joint result, the analytic
-    coefficients, the stars' local parameters and the outliers.
+    coefficients, the stars' local parameters, the outliers, the iterations and the flux
+    terms' ``(reference, range, n_flux)`` (amplitudes; None without flux terms).
+
+    With ``n_flux`` (0 or 1) the surface's last row is multiplied by each star's
+    ``log10(amplitude / reference)``, the amplitudes those at the start of each round.
     """
     n = data.shape[0]
-    grid, K = ropts.grid, ropts.n_terms
+    grid, K = ropts.grid, ropts.n_terms - n_flux
+    law = _flux_law(local[:, 0], train & ~outlier) if n_flux else None
+
+    def terms(local):  # the surface's basis at each star: spatial terms, then the flux term
+        if not n_flux:
+            return T[:, :K]
+        return np.column_stack([T[:, :K], log_flux(local[:, 0], law[0], law[1])])
+
     hm = Hybrid(m, grid)
     prior = residual_prior(ropts)
     degree = int(round(np.sqrt(2 * T.shape[1] + 0.25) - 1.5))  # T has (degree + 1)(degree + 2)/2 terms
     u_centre = lambda c: (legendre_basis(0.0, 0.0, degree) @ c.T)  # the shape at the image centre
     full_var = np.broadcast_to(variance, data.shape) if ropts.noise == "given" else np.ones(data.shape)
     r = np.zeros((n, grid.size))
-    rho = np.zeros((K, grid.size))
+    rho = np.zeros((ropts.n_terms, grid.size))
     n_iter, previous = 0, np.inf
     for it in range(rounds):
         use = train & ~outlier
@@ -813,12 +857,13 @@ def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, 
         idx = np.flatnonzero(use)
         total = _padded_size(idx.size, 1)
         program = _residual_program(m, ResidualOptions(**{**ropts.__dict__, "chunk": min(ropts.chunk, total)}))
-        args = [_pad(np.asarray(a)[idx], total) for a in (data, valid, full_var, noise, local, T @ coef.T, r, T[:, :K], use)]
-        rho, new_local = program(prior, grid.constraints(m, u_centre(coef)), *args[:7], rho, *args[7:])
+        Ts = terms(local)
+        args = [_pad(np.asarray(a)[idx], total) for a in (data, valid, full_var, noise, local, T @ coef.T, r, Ts, use)]
+        rho, new_local = program(prior, surface_constraints(grid, m, u_centre(coef), ropts.n_terms, n_flux), *args[:7], rho, *args[7:])
         rho, new_local = np.asarray(rho), np.asarray(new_local)[: idx.size]
         local = local.copy()
         local[idx] = np.where(np.all(np.isfinite(new_local), axis=1, keepdims=True), new_local, local[idx])
-        r = residual_nodes(rho, T[:, :K])
+        r = residual_nodes(rho, Ts)
         res = joint_solve(hm, opts, data, valid, variance, noise, local, T, use, coef, devices, active=cand, nodes=r)
         n_iter += int(res["n_iter"])
         local, coef = np.where(np.isfinite(res["local"]), res["local"], local), res["coef"]
@@ -828,13 +873,15 @@ def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, 
         judged = train & res["ok"]
         level, sigma = _clip_levels(chi2_dof, dof, res["local"][:, 0], judged, clip)
         new = _new_outliers(chi2_dof, level, sigma, judged, max_clip_fraction)
-        changed = bool(np.any(new != outlier))
+        n_changed = int(np.sum(new != outlier))
+        changed = n_changed > 0
         outlier = new
         chi2_used = np.sum(res["chi2"][res["used"]]) / max(np.sum(dof[res["used"]]), 1)
         log.debug("hybrid round %d: %d iterations, chi2/dof %.4f, %d outliers", it + 1, res["n_iter"], chi2_used, new.sum())
         # alternating between the surface and the analytic shape converges linearly: stop
-        # when a round gains less than ``tol_rounds`` in chi2/dof and clips no one new
-        if not changed and it and previous - chi2_used < tol_rounds * chi2_used:
+        # when a round gains less than ``tol_rounds`` in chi2/dof and changes the outliers of
+        # at most 1 % of the stars (the final refit below leaves the new outliers out)
+        if n_changed <= 0.01 * use.sum() and it and previous - chi2_used < tol_rounds * chi2_used:
             break
         previous = chi2_used
     if changed:  # the final state holds no star it flags
@@ -842,7 +889,7 @@ def _fit_residual(m, ropts, opts, data, valid, variance, noise, local, coef, T, 
                           active=cand, nodes=r)
         n_iter += int(res["n_iter"])
         local, coef = np.where(np.isfinite(res["local"]), res["local"], local), res["coef"]
-    return rho, res, coef, local, outlier, n_iter
+    return rho, res, coef, local, outlier, n_iter, None if law is None else (*law, n_flux)
 
 
 def _result_table(m, psf, res, start, origin, flags, cand, used, reserved, left_out, converged, n_iter, max_shift):
@@ -883,6 +930,8 @@ def _result_table(m, psf, res, start, origin, flags, cand, used, reserved, left_
     ok = ~bad & np.isfinite(val["x"]) & np.isfinite(val["y"])
     if ok.any():  # the flux scale: flux within the PSF's FLUXRAD, not the profile's total
         scale = psf.enclosed(val["x"][ok], val["y"][ok])
+        if psf.flux_dependent:  # the star's own shape: its flux on the PSF's scale sets it
+            scale = psf.enclosed(val["x"][ok], val["y"][ok], flux=val["flux"][ok] * scale)
         val["flux"][ok] *= scale
         err["flux"][ok] *= scale
     if ok.any():

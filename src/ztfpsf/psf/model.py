@@ -57,7 +57,12 @@ law's slope ``b``: fractional size change per decade of flux), ``BFSLERR`` (its 
 give the size), ``BFLGMIN, BFLGMAX`` (log10 flux range the law holds on, clamped
 outside): the size parameters (log fwhm; the Gaussian's log widths) of a star of flux
 ``F`` are those of ``COEFFS`` plus ``ln(1 + b (log10 F - log10 F_ref))``. Files without
-``BFSLOPE`` read as ``b = 0``. Every file may carry the run's brighter-fatter diagnostic
+``BFSLOPE`` read as ``b = 0``. ``RESFLUX`` (hybrid PSFs; 0 when absent): the number of
+flux terms of the residual surface, the last rows of HDU ``RESIDUAL`` after the
+``RESNTERM - RESFLUX`` spatial ones: the surface of a star of flux ``F`` adds
+``(log10 F - log10 F_ref) r[t]`` (``F`` clamped to ``BFLGMIN, BFLGMAX`` as for the size
+law), so the pixel part may change with the flux (the core of ZTF stars does: see the
+README). A file with ``RESFLUX > 0`` is version 3. Every file may carry the run's brighter-fatter diagnostic
 (``BFSZSLP, BFSZERR``: the stars' size slope and error, same unit; ``BFAPSLP, BFAPERR``:
 PSF - ``FLUXRAD`` aperture magnitude against magnitude [mag/mag]).
 """
@@ -79,6 +84,7 @@ from .._jax import with_x64
 from ..io.results import atomic_write
 from ..models import get_model
 from .basis import basis_terms, legendre_basis, normalise
+from .brighter_fatter import log_flux, size_shift
 from .residual import Hybrid, ResidualGrid
 
 log = logging.getLogger(__name__)
@@ -252,15 +258,16 @@ class PSFModel:
 
     def __init__(self, model, coef, bounds, *, degree=0, cov=None, integration=None, image_shape=None, meta=None,
                  residual=None, grid=None, flux_radius=FLUX_RADIUS, support=None, bf_slope=0.0, bf_ref=None,
-                 bf_range=None, bf_slope_err=None):
+                 bf_range=None, bf_slope_err=None, residual_flux=0):
         self.model = get_model(model, integration)
         # brighter-fatter law (ztfpsf.psf.brighter_fatter): size x (1 + bf_slope log10(F / bf_ref))
         self.bf_slope = float(bf_slope or 0.0)
         self.bf_ref = None if bf_ref is None else float(bf_ref)
         self.bf_range = None if bf_range is None else tuple(float(v) for v in bf_range)
         self.bf_slope_err = None if bf_slope_err is None else float(bf_slope_err)
-        if self.bf_slope != 0 and not (self.bf_ref and self.bf_ref > 0):
-            raise ValueError(f"a brighter-fatter slope needs a positive reference flux bf_ref; got {bf_ref}")
+        self.residual_flux = int(residual_flux or 0)
+        if (self.bf_slope != 0 or self.residual_flux) and not (self.bf_ref and self.bf_ref > 0):
+            raise ValueError(f"a flux-dependent PSF needs a positive reference flux bf_ref; got {bf_ref}")
         self.support = None if support is None else np.asarray(support, dtype=np.float64).reshape(-1, 2)
         self.flux_radius = float(flux_radius or 0.0)
         self.degree = int(degree)
@@ -281,11 +288,11 @@ class PSFModel:
         if residual is not None:
             self.grid = grid or ResidualGrid()
             self.residual = np.asarray(residual, dtype=np.float64)
-            n_terms = self.residual.shape[0]
+            n_terms = self.residual.shape[0] - self.residual_flux
             if self.residual.ndim != 2 or self.residual.shape[1] != self.grid.size or n_terms > len(self.terms) \
                     or n_terms not in [len(basis_terms(d)) for d in range(self.degree + 1)]:
-                raise ValueError(f"residual must have shape (n_terms, {self.grid.size}) with the terms of a degree "
-                                 f"<= {self.degree}; got {self.residual.shape}")
+                raise ValueError(f"residual must have shape (n_terms + {self.residual_flux}, {self.grid.size}) with the "
+                                 f"terms of a degree <= {self.degree}; got {self.residual.shape}")
             self.hybrid = Hybrid(self.model, self.grid)
 
     # -- construction -----------------------------------------------------------------------
@@ -344,19 +351,18 @@ class PSFModel:
 
     @property
     def flux_dependent(self):
-        """True when the size depends on the star's flux (brighter-fatter slope not 0)."""
-        return self.bf_slope != 0
+        """True when the shape depends on the star's flux (a brighter-fatter slope, or flux
+        terms in the residual surface)."""
+        return self.bf_slope != 0 or self.residual_flux > 0
 
     def internal(self, x, y, extrapolate=False, flux=None):
         """Internal shape parameters ``(..., n_shape)``; NaN outside the validity region.
         ``flux``: the stars' flux for a flux-dependent PSF (None: the size at ``bf_ref``)."""
-        law = self.flux_dependent and flux is not None
+        law = self.bf_slope != 0 and flux is not None
         x, y, *f = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
                                        *([np.asarray(flux, np.float64)] if law else []))
         u = self.basis(x, y) @ self.coef.T
         if law:
-            from .brighter_fatter import size_shift
-
             u = size_shift(self.model.name, u, f[0], self.bf_slope, self.bf_ref, self.bf_range)
         if not extrapolate:
             u = np.where(self.contains(x, y)[..., None], u, np.nan)
@@ -369,12 +375,23 @@ class PSFModel:
 
     @property
     def residual_degree(self):
-        return None if self.residual is None else max(px + py for px, py in self.terms[: self.residual.shape[0]])
+        return None if self.residual is None else max(px + py for px, py in self.terms[: self.residual_terms])
 
-    def residual_nodes(self, x, y):
-        """Residual surface's node values ``(N, grid.size)`` at image positions (hybrid only)."""
+    @property
+    def residual_terms(self):
+        """Spatial terms of the residual surface (its first rows; the flux terms follow)."""
+        return None if self.residual is None else self.residual.shape[0] - self.residual_flux
+
+    def residual_nodes(self, x, y, flux=None):
+        """Residual surface's node values ``(N, grid.size)`` at image positions (hybrid only),
+        of stars of ``flux`` when the surface has a flux term (None: the reference flux)."""
+        K = self.residual_terms
         T = self.basis(np.ravel(x), np.ravel(y))
-        return T[:, : self.residual.shape[0]] @ self.residual
+        nodes = T[:, :K] @ self.residual[:K]
+        if self.residual_flux and flux is not None:
+            lg = log_flux(np.broadcast_to(np.ravel(flux), (T.shape[0],)), self.bf_ref, self.bf_range)
+            nodes = nodes + lg[:, None] * self.residual[K]
+        return nodes
 
     def shape_block(self, x, y, u=None, flux=None):
         """Internal shape of :attr:`profile_model` per position ``(N, n_shape)``: the analytic
@@ -384,7 +401,7 @@ class PSFModel:
         u = self.internal(x, y, extrapolate=True, flux=None if flux is None else np.ravel(flux)) if u is None else u
         if self.residual is None:
             return u
-        return np.concatenate([u, self.residual_nodes(x, y)], axis=1)
+        return np.concatenate([u, self.residual_nodes(x, y, None if flux is None else np.ravel(flux))], axis=1)
 
     @with_x64
     def enclosed(self, x, y, radius=None, flux=None):
@@ -526,7 +543,9 @@ class PSFModel:
         hdr["RESIDUAL"] = (self.residual is not None, "hybrid: analytic + residual surface")
         if self.residual is not None:
             hdr["RESDEG"] = (self.residual_degree, "degree of the residual polynomial")
-            hdr["RESNTERM"] = (self.residual.shape[0], "residual terms: first rows of COEFFS")
+            hdr["RESNTERM"] = (self.residual.shape[0], "residual rows: terms of COEFFS, then RESFLUX")
+            if self.residual_flux:
+                hdr["RESFLUX"] = (self.residual_flux, "last rows x log10(F/BFREF)")
             hdr["RESOVER"] = (self.grid.oversampling, "residual nodes per pixel")
             hdr["RESRAD"] = (self.grid.radius, "residual nodes out to this radius [px]")
             hdr["RESN"] = (self.grid.n, "residual nodes per axis")
@@ -535,7 +554,7 @@ class PSFModel:
             hdr["BFSLOPE"] = (self.bf_slope, "size x (1 + BFSLOPE log10(F/BFREF))")
             if self.bf_slope_err is not None and np.isfinite(self.bf_slope_err):
                 hdr["BFSLERR"] = (self.bf_slope_err, "error of BFSLOPE")
-            hdr["BFREF"] = (self.bf_ref, "reference flux of the size law [ADU, FLUXRAD]")
+            hdr["BFREF"] = (self.bf_ref, "reference flux of the flux terms [ADU, FLUXRAD]")
             if self.bf_range is not None:
                 hdr["BFLGMIN"], hdr["BFLGMAX"] = (self.bf_range[0], "law held below: log10 flux"), (self.bf_range[1], "law held above: log10 flux")
         for key, (card, comment) in _HEADER_STATS.items():
@@ -613,6 +632,7 @@ class PSFModel:
                     if cube.ndim != 3 or cube.shape[1:] != (grid.n, grid.n):
                         raise PSFFileError(f"{path}: RESIDUAL has shape {cube.shape}, expected (n_terms, {grid.n}, {grid.n})")
                     residual = cube.reshape(cube.shape[0], -1)
+                    law["residual_flux"] = int(hdr.get("RESFLUX", 0))
         except PSFFileError:
             raise
         except FileNotFoundError:

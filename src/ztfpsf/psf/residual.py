@@ -15,6 +15,10 @@ when the grid is fitted and when a stamp is rendered; nothing is interpolated af
 fact. The B-splines sum to one, so a node value is the surface's height there (flux per
 px^2 of a unit-flux star) and ``sum r h^2`` is its total flux.
 
+A flux term (:attr:`~ztfpsf.psf.PSFModel.residual_flux`) adds ``log10(F / F_ref)`` times
+one more surface for a star of flux ``F``: the rows of ``r`` are the spatial polynomial's
+terms and then the flux term, all fitted in one linear system (:func:`solve_residual`).
+
 Constraints (:meth:`ResidualGrid.constraints`): the surface does not overlap the
 directions in which the analytic profile moves by itself (its amplitude, position and
 shape derivatives), so flux, position and shape are those of the stars and cannot trade
@@ -36,7 +40,7 @@ import numpy as np
 
 from ..models import get_model
 
-__all__ = ["ResidualGrid", "ResidualOptions", "Hybrid", "bspline", "bspline_integral", "solve_residual", "residual_nodes", "residual_prior"]
+__all__ = ["ResidualGrid", "ResidualOptions", "Hybrid", "bspline", "bspline_integral", "solve_residual", "surface_constraints", "residual_nodes", "residual_prior"]
 
 
 def bspline(t):
@@ -236,6 +240,25 @@ class ResidualOptions:
     chunk: int = 128
 
 
+def surface_constraints(grid, core, u, n_terms, n_flux=0):
+    """``(m, n_terms * size)``: the constraints of every row of the surface, block-diagonal.
+    A spatial term's are :meth:`ResidualGrid.constraints` at the internal shape ``u``. A
+    flux term (the last ``n_flux`` rows, times ``log10(F / F_ref)``) moves light, as the
+    charge of a core that sharpens with flux does, and adds none: zero total flux (which
+    defines a star's flux, its amplitude being free) and no overlap with the profile's
+    position derivatives (which would shift stars with their flux); unlike a spatial term
+    it may change the size, which no other parameter of a star does with its flux."""
+    spatial = grid.constraints(core, u)
+    flux = np.vstack([spatial[1:3], np.full((1, grid.size), grid.step**2)])
+    blocks = [spatial] * (n_terms - n_flux) + [flux] * n_flux
+    out = np.zeros((sum(len(b) for b in blocks), n_terms * grid.size))
+    row = 0
+    for t, b in enumerate(blocks):
+        out[row: row + len(b), t * grid.size: (t + 1) * grid.size] = b
+        row += len(b)
+    return out
+
+
 def residual_nodes(rho, T):
     """Node values at each star ``(N, size)`` from the coefficients ``rho (K, size)`` and
     the stars' spatial basis ``T (N, K)``."""
@@ -248,14 +271,16 @@ def _star_terms(grid, core, data, valid, variance, noise, local, u, r_prev, T, u
     Each star's model is ``f (A + S) + b``; its local parameters (flux, x, y, background)
     are eliminated (Schur complement), so the surface step accounts for how every star
     would move with it. Returns ``L, R`` whose product summed over stars and pixel rows
-    is the surface's normal matrix (``sum_p w f^2 By[k] Bx[j] By[m] Bx[l]`` as ``L^T R``
-    with rows (star, pixel row): ``L = T_t f^2 By[y, k] By[y, m]``, ``R = T_s sum_x w
+    is one spatial term's normal matrix (``sum_p w f^2 By[k] Bx[j] By[m] Bx[l]`` as
+    ``L^T R`` with rows (star, pixel row): ``L = f^2 By[y, k] By[y, m]``, ``R = sum_x w
     Bx[x, j] Bx[x, l]``: one large matrix product, the per-star 4-index blocks never
-    exist), ``E`` (rows (star, local parameter)) with ``E^T E`` the Schur term, the
-    surface's gradient ``g (K, n, n)`` and its Schur correction ``h`` and the pieces of
-    each star's own step (for every star; ``used`` (c,) weighs the star's share of the
-    surface's system). ``E``, ``h`` and ``B`` hold only the ``free`` nodes (indices into
-    ``K * size``): those beyond the radius stay zero and cost nothing.
+    exist; the pair of terms ``(t, s)`` weighs the stars by ``T_t T_s``), ``E (c, 4,
+    F)`` with ``sum_c T_t T_s E^T E`` the Schur term of the pair, the surface's gradient
+    ``g (K, n, n)`` and its Schur correction ``h (K, F)`` and the pieces of each star's
+    own step (for every star; ``used`` (c,) weighs the star's share of the surface's
+    system). ``E``, ``h`` and ``B`` hold one term's ``free`` nodes (indices into
+    ``size``): those beyond the radius stay zero and cost nothing; a term's ``B`` is that
+    of the single term times ``T_t``.
     """
     c, ny, nx = data.shape
     f64 = jnp.float64
@@ -288,17 +313,17 @@ def _star_terms(grid, core, data, valid, variance, noise, local, u, r_prev, T, u
     J = jnp.stack([P, f * dPx, f * dPy, jnp.ones_like(P)], axis=1)  # (c, 4, ny, nx)
     A = jnp.einsum("clyx,cyx,cmyx->clm", J, w, J) + 1e-12 * jnp.eye(4)
     gl = jnp.einsum("clyx,cyx->cl", J, w * resid)
-    # local-surface block B (c, 4, K*G): d model/d node = T_t f By Bx
-    B = jnp.einsum("ct,c,clyx,cyx,cyk,cxj->cltkj", T, flux, J, w, by, bx).reshape(c, 4, K * n * n)[..., free]
+    # local-surface block B (c, 4, G) of one term: d model/d node = f By Bx (times T_t)
+    B = jnp.einsum("c,clyx,cyx,cyk,cxj->clkj", flux, J, w, by, bx).reshape(c, 4, n * n)[..., free]
     chol = jnp.linalg.cholesky(A)
     E = jax.scipy.linalg.solve_triangular(chol, B, lower=True) * used[:, None, None]  # L^-1 B: B^T A^-1 B = E^T E
     q = jax.scipy.linalg.solve_triangular(chol, gl[..., None], lower=True)[..., 0]  # L^-1 g_l
     win = _row_windows(grid, ny)
-    L = jnp.einsum("ct,c,cyk,cym->cytkm", T, used * flux * flux, _take_rows(by, win), _take_rows(by, win))
-    R = jnp.einsum("cs,cyx,cxj,cxl->cysjl", T, w, bx, bx).reshape(c, ny, K * n * n)
+    L = jnp.einsum("c,cyk,cym->cykm", used * flux * flux, _take_rows(by, win), _take_rows(by, win))
+    R = jnp.einsum("cyx,cxj,cxl->cyjl", w, bx, bx)
     g = jnp.einsum("ct,c,cyx,cyk,cxj->tkj", T, used * flux, w * resid, by, bx)
-    h = jnp.einsum("clp,cl->p", E, q)  # B^T A^-1 g_l
-    return L, R, E.reshape(c * 4, len(free)), g, h, (A, gl, B)
+    h = jnp.einsum("ct,clp,cl->tp", T, E, q)  # B^T A^-1 g_l
+    return L, R, E, g, h, (A, gl, B, T)
 
 
 #: Stars farther than this from their stamp's centre pixel [px] are left out of the
@@ -345,8 +370,7 @@ def solve_residual(core, opts, prior, constraints, data, valid, variance, noise,
 
     Minimises ``sum_i sum_p w (d - f (A + S_i) - b)^2`` plus the ridge and smoothness
     priors, the stars' local parameters eliminated per star (Schur complement), subject to
-    the ``constraints`` on every spatial term (:meth:`ResidualGrid.constraints`; Lagrange
-    multipliers). ``prior`` from
+    the ``constraints (m, K * size)`` of :func:`surface_constraints` (Lagrange multipliers). ``prior`` from
     :func:`residual_prior`; ``rho_prev (K, size)`` the current surface and ``r_prev (N,
     size)`` its nodes at each star. Arrays: stars on axis 0, padded to a multiple of
     ``opts.chunk`` (padding rows with ``use`` False). Returns the new ``rho (K, size)``
@@ -366,30 +390,49 @@ def solve_residual(core, opts, prior, constraints, data, valid, variance, noise,
     win = _row_windows(grid, data.shape[1])
     w, n1 = win.shape[1], grid.n
 
-    free = np.flatnonzero(np.tile(~grid.outside(), K))  # the nodes within the radius
-    F = len(free)
+    free1 = np.flatnonzero(~grid.outside())  # one term's nodes within the radius
+    free = np.concatenate([t * G + free1 for t in range(K)])
+    F1, F = len(free1), len(free)
+
+    # the normal matrix is assembled per pair of terms t <= s from one term's pieces, the
+    # stars weighed by T_t T_s: K (K + 1) / 2 products of one term's size, not K^2
+    pairs = [(t, u) for t in range(K) for u in range(t, K)]
 
     def body(acc, c):
         d, v, var, nz, lo, uu, rp, t, wu = c
-        L, R, E, g, h, own = _star_terms(grid, core, d, v, var, nz, lo, uu, rp, t, wu, opts.noise, free)
-        # per pixel row y: rows (t, k, m) of its node window times columns (s, j, l)
-        blocks = jnp.einsum("cya,cyb->yab", L.reshape(L.shape[0], L.shape[1], K * w * w), R)
-        return (acc[0] + blocks, acc[1] + E.T @ E, acc[2] + g, acc[3] + h), own
+        L, R, E, g, h, own = _star_terms(grid, core, d, v, var, nz, lo, uu, rp, t, wu, opts.noise, free1)
+        L = L.reshape(L.shape[0], L.shape[1], w * w)
+        # per pixel row y: rows (k, m) of its node window times columns (j, l)
+        R = R.reshape(R.shape[0], R.shape[1], G)
+        blocks = tuple(jnp.einsum("cya,cyb->yab", L * (t[:, a] * t[:, b])[:, None, None], R) for a, b in pairs)
+        E2 = E.reshape(-1, F1)
+        schur = tuple((E * (t[:, a] * t[:, b])[:, None, None]).reshape(-1, F1).T @ E2 for a, b in pairs)
+        return (tuple(x + y for x, y in zip(acc[0], blocks)), tuple(x + y for x, y in zip(acc[1], schur)),
+                acc[2] + g, acc[3] + h), own
 
-    zero = (jnp.zeros((win.shape[0], K * w * w, K * G), f64), jnp.zeros((F, F), f64),
-            jnp.zeros((K, n1, n1), f64), jnp.zeros(F, f64))
-    (blocks, schur, g, h), own = jax.lax.scan(body, zero, xs)
-    N = jnp.zeros((K, n1, n1, K * G), f64)
-    for y in range(win.shape[0]):  # each row's window into the full (t, k, m) rows
-        N = N.at[:, win[y][:, None], win[y][None, :]].add(blocks[y].reshape(K, w, w, K * G))
-    # rows (t, k, m) x columns (s, j, l) -> the normal matrix over (t, k, j) x (s, m, l)
-    N = N.reshape(K, n1, n1, K, n1, n1).transpose(0, 1, 4, 3, 2, 5).reshape(K * G, K * G)
+    zero = (tuple(jnp.zeros((win.shape[0], w * w, G), f64) for _ in pairs), tuple(jnp.zeros((F1, F1), f64) for _ in pairs),
+            jnp.zeros((K, n1, n1), f64), jnp.zeros((K, F1), f64))
+    (blocks, schur_pairs, g, h), own = jax.lax.scan(body, zero, xs)
+    h = h.reshape(F)
+    schur = jnp.zeros((K, F1, K, F1), f64)
+    for (a, b), S in zip(pairs, schur_pairs):
+        schur = schur.at[a, :, b].set(S)
+        if a != b:
+            schur = schur.at[b, :, a].set(S.T)
+    schur = schur.reshape(F, F)
+    N = jnp.zeros((K, n1, n1, K, n1, n1), f64)  # rows (t, k, m) x columns (s, j, l)
+    for (a, b), blk in zip(pairs, blocks):  # each pixel row's window into the full (k, m) rows: one scatter
+        N = N.at[a, win[:, :, None], win[:, None, :], b].add(blk.reshape(win.shape[0], w, w, n1, n1))
+    # -> the normal matrix over (t, k, j) x (s, m, l); the pairs t > s by symmetry
+    N = N.transpose(0, 1, 4, 3, 2, 5).reshape(K * G, K * G)
+    upper = np.kron(np.triu(np.ones((K, K)), 1), np.ones((G, G))) > 0
+    N = N + jnp.where(upper, N, 0.0).T
     sub = lambda M: M[free][:, free]
     Pk = sub(jnp.kron(jnp.eye(K, dtype=f64), prior))
     rho_prev = rho_prev.reshape(K * G).astype(f64)
     H = sub(N) - schur + Pk
     rhs = g.reshape(K * G)[free] - h - Pk @ rho_prev[free]
-    C = jnp.kron(jnp.eye(K, dtype=f64), constraints)[:, free]
+    C = constraints[:, free]
     chol = jnp.linalg.cholesky(H)
     solve = lambda z: jax.scipy.linalg.cho_solve((chol, True), z)
     step0 = solve(rhs)
@@ -402,7 +445,9 @@ def solve_residual(core, opts, prior, constraints, data, valid, variance, noise,
 
 def _local_steps(own, step, local):
     """Each star's own Gauss-Newton step given the surface's: ``A^-1 (g_l - B step)``, from
-    the pieces ``(A, g_l, B)`` each chunk kept."""
-    A, gl, B = (a.reshape((-1,) + a.shape[2:]) for a in own)
-    dl = jnp.linalg.solve(A, (gl - B @ step)[..., None])[..., 0]
+    the pieces ``(A, g_l, B, T)`` each chunk kept (``B`` of one term; term ``t``'s is
+    ``T_t B``)."""
+    A, gl, B, T = (a.reshape((-1,) + a.shape[2:]) for a in own)
+    Bs = jnp.einsum("clp,tp->clt", B, step.reshape(T.shape[1], B.shape[-1]))
+    dl = jnp.linalg.solve(A, (gl - jnp.einsum("clt,ct->cl", Bs, T))[..., None])[..., 0]
     return local + jnp.where(jnp.all(jnp.isfinite(dl), axis=1, keepdims=True), dl, 0.0)
