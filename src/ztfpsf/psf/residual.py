@@ -404,9 +404,15 @@ def solve_residual(core, opts, prior, constraints, data, valid, variance, noise,
         L = L.reshape(L.shape[0], L.shape[1], w * w)
         # per pixel row y: rows (k, m) of its node window times columns (j, l)
         R = R.reshape(R.shape[0], R.shape[1], G)
-        blocks = tuple(jnp.einsum("cya,cyb->yab", L * (t[:, a] * t[:, b])[:, None, None], R) for a, b in pairs)
-        E2 = E.reshape(-1, F1)
-        schur = tuple((E * (t[:, a] * t[:, b])[:, None, None]).reshape(-1, F1).T @ E2 for a, b in pairs)
+        # the two large products in float32 (full precision on GPUs too), summed in float64:
+        # twice as fast; on the ZTF quadrant the surface and fluxes agree with float64 to 4e-7
+        f32, hi = jnp.float32, jax.lax.Precision.HIGHEST
+        R32 = R.astype(f32)
+        blocks = tuple(jnp.einsum("cya,cyb->yab", (L * (t[:, a] * t[:, b])[:, None, None]).astype(f32), R32,
+                                  precision=hi).astype(f64) for a, b in pairs)
+        E2 = E.reshape(-1, F1).astype(f32)
+        schur = tuple(jnp.matmul((E * (t[:, a] * t[:, b])[:, None, None]).reshape(-1, F1).astype(f32).T, E2,
+                                 precision=hi).astype(f64) for a, b in pairs)
         return (tuple(x + y for x, y in zip(acc[0], blocks)), tuple(x + y for x, y in zip(acc[1], schur)),
                 acc[2] + g, acc[3] + h), own
 
