@@ -102,3 +102,19 @@ def test_flux_term_is_linear_in_log_flux_and_survives_its_file(tmp_path, fits_):
 
     with fits.open(path) as h:
         assert h[0].header["PSFVERS"] == 3 and h[0].header["RESFLUX"] == 1
+
+
+def test_the_psf_figure_shows_the_flux_term(tmp_path, fits_):
+    from PIL import Image
+
+    from ztfpsf.plots._style import pixel_size
+    from ztfpsf.plots.psf import compute_psf, plot_psf
+
+    *_, (psf, _, _) = fits_[-0.03]
+    v = compute_psf(psf)
+    change, (lo, hi) = v["flux_change"], v["flux_range"]
+    c = change.shape[0] // 2
+    assert (lo, hi) == pytest.approx(psf.bf_range)
+    assert change[c, c] > 1.0  # % of the peak: the bright stars' core is the sharper (the truth's fwhm shrinks)
+    path = plot_psf(v, tmp_path / "psf.png")
+    assert Image.open(path).size == pixel_size("psf_flux")

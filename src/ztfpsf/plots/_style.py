@@ -22,6 +22,7 @@ FIGSIZE = {
     "loss": (12.0, 4.2),
     "timing": (15.0, 4.4),
     "psf": (15.0, 4.4),
+    "psf_flux": (19.0, 4.4),  # with the residual surface's flux term: one panel more
     "brighter_fatter": (13.0, 4.6),
     "residual_image": (9.0, 4.6),
 }
