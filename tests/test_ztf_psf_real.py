@@ -71,7 +71,9 @@ def test_psf_figure_shows_the_real_residual_surface(runs, tmp_path):
     assert values["surface"].max() > 0.5 and values["surface"].min() < -0.5
     np.testing.assert_allclose(values["stamp"], psf.stamp(*[0.5 * (a + b) for a, b in (psf.bounds[:2], psf.bounds[2:])]))
     path = plot_psf(values, tmp_path / "psf.png")
-    assert Image.open(path).size == _style.pixel_size("psf")
+    # the pipeline's hybrid has the surface's flux term: its panel makes the figure wider
+    assert psf.residual_flux == 1 and values["flux_change"] is not None
+    assert Image.open(path).size == _style.pixel_size("psf_flux")
     analytic = compute_psf(runs["analytic"][1])
     assert analytic["surface"] is None
 
