@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ztfpsf.flags import Flag
 from ztfpsf.models import get_model
 from ztfpsf.psf import PSFModel, fit_psf
 from ztfpsf.psf.groups import flux_scale
@@ -46,7 +47,7 @@ def fits_():
 def _trend(mag, ratio, table):
     """Slope [mmag/mag] of the flux error against magnitude over the unflagged stars (reserve
     stars included) and its standard error."""
-    good = (np.asarray(table["flags"]) & ~np.int64(512)) == 0
+    good = (np.asarray(table["flags"]) & ~int(Flag.RESERVED)) == 0
     dm = -2.5 * np.log10(ratio[good]) * 1e3
     A = np.column_stack([np.ones(good.sum()), mag[good] - 16.0])
     coef, res, *_ = np.linalg.lstsq(A, dm, rcond=None)
